@@ -1,0 +1,163 @@
+"""Command line: ``impv4l2 serve``, ``impv4l2 list``."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import fcntl
+import json
+import logging
+import os
+import sys
+
+from . import __version__
+from . import config as config_mod
+
+log = logging.getLogger("impv4l2")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .daemon import Daemon
+
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as e:
+        log.error("config: %s", e)
+        return 2
+    if args.backend:
+        cfg.backend = args.backend
+    if args.mount is not None:
+        cfg.transport.mount = args.mount
+    if args.cuse:
+        cfg.transport.cuse = args.cuse
+    if args.mmap_mode:
+        cfg.transport.mmap_mode = args.mmap_mode
+    try:
+        return Daemon(cfg).run()
+    except Exception as e:  # one clear line, not a traceback, for start-up failures
+        log.error("cannot start: %s", e, exc_info=args.verbose)
+        return 1
+
+
+# ---------------------------------------------------------------- list
+
+def _query_node(path: str) -> dict | None:
+    from linuxpy.video import raw
+
+    def ioc(fd: int, cmd: int, st: ctypes.Structure) -> bool:
+        try:
+            fcntl.ioctl(fd, cmd & 0xFFFFFFFF, st)
+            return True
+        except OSError:
+            return False
+
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        cap = raw.v4l2_capability()
+        if not ioc(fd, raw.IOC.QUERYCAP, cap) or cap.driver != b"impv4l2":
+            return None
+        caps = cap.device_caps
+        card = cap.card.decode()
+        role = "encoder" if caps & (raw.Capability.VIDEO_M2M | raw.Capability.VIDEO_M2M_MPLANE) else (
+            "sub" if " sub" in card else "main")
+        formats: dict[str, list[str]] = {}
+        buftypes = {
+            "capture": [raw.BufType.VIDEO_CAPTURE, raw.BufType.VIDEO_CAPTURE_MPLANE],
+            "output": [raw.BufType.VIDEO_OUTPUT, raw.BufType.VIDEO_OUTPUT_MPLANE],
+        }
+        for direction, types in buftypes.items():
+            for bt in types:
+                names = []
+                for i in range(64):
+                    fmt = raw.v4l2_fmtdesc(index=i, type=bt)
+                    if not ioc(fd, raw.IOC.ENUM_FMT, fmt):
+                        break
+                    names.append(fmt.pixelformat.to_bytes(4, "little").decode(errors="replace"))
+                if names:
+                    formats[direction] = names
+                    break
+        return {"card": card, "role": role, "bus_info": cap.bus_info.decode(), "formats": formats}
+    finally:
+        os.close(fd)
+
+
+def list_nodes(mount: str) -> list[dict]:
+    nodes = []
+    names = sorted(os.listdir(mount)) if os.path.isdir(mount) else []
+    for name in names:
+        info = _query_node(os.path.join(mount, name))
+        if info is None:
+            continue
+        paths = {"fuse": os.path.join(mount, name)}
+        cuse = f"/dev/{name}"
+        if os.path.exists(f"/sys/class/cuse/{name}") and os.path.exists(cuse):
+            paths["cuse"] = cuse
+        elif os.path.islink(cuse):
+            paths["link"] = cuse
+        nodes.append({"name": name, **info, "paths": paths})
+    return nodes
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    mount = args.mount
+    if mount is None:
+        try:
+            mount = config_mod.load(args.config).transport.mount
+        except config_mod.ConfigError as e:
+            log.error("config: %s", e)
+            return 2
+    nodes = list_nodes(mount)
+    if args.json:
+        json.dump(nodes, sys.stdout, indent=2)
+        print()
+        return 0 if nodes else 1
+    if not nodes:
+        print(f"no impv4l2 nodes under {mount} (is `impv4l2 serve` running?)", file=sys.stderr)
+        return 1
+    for n in nodes:
+        fmts = "; ".join(f"{d}: {' '.join(f)}" for d, f in n["formats"].items())
+        print(f"{n['name']:8} {n['role']:8} {' '.join(n['paths'].values()):40} {fmts}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="impv4l2", description="Userspace V4L2 driver for Ingenic T31 cameras.")
+    p.add_argument("--version", action="version", version=f"impv4l2 {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every ioctl")
+    p.add_argument("--config", help=f"TOML configuration (default {config_mod.DEFAULT_PATH} if present)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the driver and serve its V4L2 nodes")
+    s.add_argument("--backend", choices=["sim", "t31"], help="hardware backend (default sim)")
+    s.add_argument("--mount", help="FUSE mount point (default /run/impv4l2; '' for none)")
+    s.add_argument("--cuse", choices=["auto", "on", "off"], help="serve /dev/videoN through CUSE")
+    s.add_argument("--mmap-mode", choices=["auto", "passthrough", "direct", "cached"])
+    s.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_serve)
+
+    ls = sub.add_parser("list", help="list the nodes of a running driver")
+    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--mount", help="FUSE mount point to look in")
+    ls.set_defaults(func=cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

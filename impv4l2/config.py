@@ -1,0 +1,169 @@
+"""Daemon configuration: one TOML file (``/etc/impv4l2.toml`` or ``--config``).
+
+Every key has a default, so no file is needed.  Errors name the file and the
+line: TOML syntax errors carry tomllib's position; unknown keys and bad values
+are located by searching the key in the file text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from typing import Any
+
+DEFAULT_PATH = "/etc/impv4l2.toml"
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; the message names file and line."""
+
+
+@dataclasses.dataclass
+class ChannelConfig:
+    width: int
+    height: int
+    fps: int
+
+
+@dataclasses.dataclass
+class NodeConfig:
+    base: int = 10  # first /dev/videoN number tried; taken numbers are skipped
+    main: str = ""  # explicit names override numbering, e.g. "video20"
+    sub: str = ""
+    encoder: str = ""
+
+
+@dataclasses.dataclass
+class EncoderDefaults:
+    bitrate: int = 2_000_000
+    gop: int = 50
+    profile: str = "high"
+    rc_mode: str = "capped_quality"
+
+
+@dataclasses.dataclass
+class TransportConfig:
+    cuse: str = "auto"  # auto | on | off
+    mount: str = "/run/impv4l2"  # "" disables the FUSE mount
+    mmap_mode: str = "auto"  # auto | passthrough | direct | cached
+    dev_links: bool = True  # /dev/videoN symlinks to FUSE files when there is no CUSE
+
+
+@dataclasses.dataclass
+class Config:
+    backend: str = "sim"
+    backend_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    main: ChannelConfig = dataclasses.field(default_factory=lambda: ChannelConfig(1920, 1080, 25))
+    sub: ChannelConfig = dataclasses.field(default_factory=lambda: ChannelConfig(640, 360, 25))
+    nodes: NodeConfig = dataclasses.field(default_factory=NodeConfig)
+    encoder: EncoderDefaults = dataclasses.field(default_factory=EncoderDefaults)
+    transport: TransportConfig = dataclasses.field(default_factory=TransportConfig)
+    path: str | None = None
+
+
+# Allowed values per choice field, as data.
+_CHOICES = {
+    ("transport", "cuse"): ("auto", "on", "off"),
+    ("transport", "mmap_mode"): ("auto", "passthrough", "direct", "cached"),
+    ("encoder", "profile"): ("baseline", "main", "high"),
+    ("encoder", "rc_mode"): ("fixqp", "cbr", "vbr", "capped_vbr", "capped_quality"),
+    ("", "backend"): ("sim", "t31"),
+}
+
+_SECTIONS: dict[str, type] = {
+    "nodes": NodeConfig,
+    "encoder": EncoderDefaults,
+    "transport": TransportConfig,
+    "main": ChannelConfig,
+    "sub": ChannelConfig,
+}
+
+
+def _line_of(text: str, section: str, key: str) -> int:
+    """Best-effort line number of ``key`` (inside ``[section]``) in the file."""
+    lines = text.splitlines()
+    in_section = section == ""
+    for no, line in enumerate(lines, 1):
+        stripped = line.strip()
+        header = re.match(r"^\[\s*([^\]]+?)\s*\]", stripped)
+        if header:
+            in_section = header.group(1) == section
+            if key == "" and in_section:
+                return no
+            continue
+        if in_section and re.match(rf"^{re.escape(key)}\s*=", stripped):
+            return no
+    return 0
+
+
+def load(path: str | None = None) -> Config:
+    """Load ``path`` (or the default file when it exists) into a Config."""
+    explicit = path is not None
+    path = path or DEFAULT_PATH
+    cfg = Config()
+    if not os.path.exists(path):
+        if explicit:
+            raise ConfigError(f"{path}: no such file")
+        return cfg
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        text = raw.decode()
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+    cfg.path = path
+
+    def fail(section: str, key: str, msg: str) -> None:
+        line = _line_of(text, section, key)
+        where = f"{path}:{line}" if line else path
+        name = f"{section}.{key}" if section else key
+        raise ConfigError(f"{where}: {name}: {msg}")
+
+    def check_choice(section: str, key: str, value: Any) -> None:
+        allowed = _CHOICES.get((section, key))
+        if allowed and value not in allowed:
+            fail(section, key, f"{value!r} is not one of {', '.join(allowed)}")
+
+    for key, value in data.items():
+        if key == "backend":
+            if not isinstance(value, str):
+                fail("", key, "must be a string")
+            check_choice("", key, value)
+            cfg.backend = value
+        elif key in ("sim", "t31"):
+            if not isinstance(value, dict):
+                fail("", key, "must be a table")
+            if key == data.get("backend", cfg.backend):
+                cfg.backend_options = dict(value)
+        elif key in _SECTIONS:
+            if not isinstance(value, dict):
+                fail("", key, "must be a table")
+            cls = _SECTIONS[key]
+            current = getattr(cfg, key)
+            fields = {f.name: f for f in dataclasses.fields(cls)}
+            for k, v in value.items():
+                if k not in fields:
+                    fail(key, k, f"unknown key (known: {', '.join(fields)})")
+                expected = type(getattr(current, k))
+                if expected is int and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                    fail(key, k, f"must be a non-negative integer, not {v!r}")
+                if expected is str and not isinstance(v, str):
+                    fail(key, k, f"must be a string, not {v!r}")
+                if expected is bool and not isinstance(v, bool):
+                    fail(key, k, f"must be true or false, not {v!r}")
+                check_choice(key, k, v)
+                setattr(current, k, v)
+        else:
+            fail("", key, "unknown key")
+    for role in ("main", "sub"):
+        ch: ChannelConfig = getattr(cfg, role)
+        if ch.width % 2 or ch.height % 2 or not ch.width or not ch.height:
+            fail(role, "width", f"size {ch.width}x{ch.height} must be even and non-zero")
+        if not 1 <= ch.fps <= 60:
+            fail(role, "fps", f"{ch.fps} is outside 1..60")
+    return cfg

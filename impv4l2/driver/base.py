@@ -1,0 +1,245 @@
+"""The hardware interface: ISP with tuning, frame channels, and the encoder (AVPU).
+
+Backends (``sim``, ``t31``) implement these classes; the V4L2 device model
+uses only them.  Backends know nothing of V4L2: controls are described as
+data with backend-neutral names, frames are NV12 bytes in memory the caller
+provides, encoded output is a list of NAL units.
+
+Threading: a started channel delivers frames from a backend thread by calling
+its sink; sinks must not block (they return ``None`` from
+:meth:`FrameSink.get_buffer` to drop a frame when no buffer is free).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import enum
+from typing import Callable, Protocol, Sequence
+
+
+# ---------------------------------------------------------------- controls
+
+class ControlKind(enum.Enum):
+    INTEGER = "int"
+    BOOLEAN = "bool"
+    MENU = "menu"
+    BUTTON = "button"
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlSpec:
+    """One tunable parameter of the ISP or an encoder channel."""
+
+    name: str  # backend-neutral: "brightness", "hflip", "exposure_auto", ...
+    kind: ControlKind
+    minimum: int = 0
+    maximum: int = 1
+    step: int = 1
+    default: int = 0
+    menu: tuple[str, ...] = ()  # MENU: item names indexed minimum..maximum
+
+
+# Names of the ISP controls every backend should offer (subset allowed).
+ISP_CONTROL_NAMES = (
+    "brightness", "contrast", "saturation", "hue", "sharpness",
+    "hflip", "vflip", "exposure_auto", "exposure", "gain_auto", "gain",
+    "power_line_frequency", "day_night",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SensorInfo:
+    name: str
+    width: int
+    height: int
+    fps: int
+
+
+class Isp(abc.ABC):
+    """Sensor + image pipeline with its tuning controls."""
+
+    sensor: SensorInfo
+
+    @property
+    @abc.abstractmethod
+    def controls(self) -> Sequence[ControlSpec]: ...
+
+    @abc.abstractmethod
+    def get(self, name: str) -> int: ...
+
+    @abc.abstractmethod
+    def set(self, name: str, value: int) -> None:
+        """Apply a control (value already range-checked by the caller)."""
+
+
+# ---------------------------------------------------------------- frames
+
+@dataclasses.dataclass
+class FrameInfo:
+    """Metadata of a delivered frame."""
+
+    timestamp_ns: int  # CLOCK_MONOTONIC at capture
+    sequence: int  # sensor frame number; gaps mean dropped frames
+    error: bool = False
+    bytesused: int = 0  # encoded streams: bytes written into the buffer
+    keyframe: bool = False  # encoded streams
+
+
+class FrameSink(Protocol):
+    """Where a started channel delivers frames (implemented by the device model)."""
+
+    def get_buffer(self) -> memoryview | None:
+        """A writable buffer for the next frame, or None to drop it."""
+
+    def frame_done(self, buf: memoryview, info: FrameInfo) -> None:
+        """The frame in ``buf`` (from get_buffer) is complete."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelMode:
+    width: int
+    height: int
+    fps: int
+
+
+class FrameChannel(abc.ABC):
+    """One ISP output (IMP FrameSource channel): scaled NV12 frames."""
+
+    index: int
+    role: str  # "main" | "sub"
+    max_width: int
+    max_height: int
+
+    @abc.abstractmethod
+    def sizes(self) -> Sequence[tuple[int, int]]:
+        """Frame sizes this channel can scale to (discrete, largest first)."""
+
+    @abc.abstractmethod
+    def frame_rates(self) -> Sequence[int]:
+        """Frame rates offered (fps)."""
+
+    @property
+    @abc.abstractmethod
+    def mode(self) -> ChannelMode: ...
+
+    @abc.abstractmethod
+    def configure(self, mode: ChannelMode) -> None:
+        """Set size and rate; only while stopped."""
+
+    @abc.abstractmethod
+    def start(self, sink: FrameSink) -> None:
+        """Deliver NV12 frames (Y plane then interleaved UV, stride = width)."""
+
+    @abc.abstractmethod
+    def start_encoded(self, params: "EncoderParams", sink: FrameSink) -> "EncoderChannel":
+        """Deliver encoded frames (IMP FrameSource->Encoder binding): each
+        buffer receives one access unit (H.264) or one JPEG picture."""
+
+    @abc.abstractmethod
+    def stop(self) -> None: ...
+
+
+# ---------------------------------------------------------------- encoder
+
+class RcMode(enum.IntEnum):
+    """Rate control modes, numbered as IMP's IMPEncoderRcMode."""
+
+    FIXQP = 0
+    CBR = 1
+    VBR = 2
+    CAPPED_VBR = 4
+    CAPPED_QUALITY = 8
+
+
+class Codec(enum.Enum):
+    H264 = "h264"
+    JPEG = "jpeg"
+
+
+class Profile(enum.Enum):
+    BASELINE = "baseline"  # constrained baseline
+    MAIN = "main"
+    HIGH = "high"
+
+
+@dataclasses.dataclass
+class EncoderParams:
+    codec: Codec = Codec.H264
+    width: int = 1920
+    height: int = 1080
+    fps_num: int = 25
+    fps_den: int = 1
+    rc_mode: RcMode = RcMode.CAPPED_QUALITY
+    bitrate: int = 2_000_000  # bit/s (target)
+    max_bitrate: int = 4_000_000  # bit/s (peak, capped modes)
+    gop: int = 50  # frames between IDRs
+    profile: Profile = Profile.HIGH
+    level: str = "5.1"
+    min_qp: int = 15
+    max_qp: int = 48
+    i_qp: int = 30  # FIXQP
+    p_qp: int = 30
+    jpeg_quality: int = 80
+    # Layout of the raw frames handed to encode(): "nv12" (the ISP's output,
+    # Y plane then interleaved UV) or "yu12" (I420: Y, U, V planes).
+    pixel_format: str = "nv12"
+
+
+@dataclasses.dataclass
+class EncodedFrame:
+    """One access unit: NAL units in order, each with its 4-byte start code."""
+
+    nals: list[bytes | memoryview]
+    keyframe: bool
+    timestamp_ns: int
+    nal_types: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return sum(len(n) for n in self.nals)
+
+
+class EncoderChannel(abc.ABC):
+    """One AVPU channel.  Zero latency: a frame in, its access unit out."""
+
+    params: EncoderParams
+
+    @abc.abstractmethod
+    def encode(self, nv12: memoryview, timestamp_ns: int) -> EncodedFrame: ...
+
+    @abc.abstractmethod
+    def request_idr(self) -> None: ...
+
+    @abc.abstractmethod
+    def update(self, **changes) -> None:
+        """Change parameters while streaming (bitrate, gop, qp...)."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+class Encoder(abc.ABC):
+    """The AVPU: creates encoder channels."""
+
+    @abc.abstractmethod
+    def create_channel(self, params: EncoderParams) -> EncoderChannel: ...
+
+
+# ---------------------------------------------------------------- backend
+
+class Backend(abc.ABC):
+    """A complete set of media hardware."""
+
+    name: str
+    isp: Isp
+    channels: Sequence[FrameChannel]
+    encoder: Encoder
+
+    def set_lost_callback(self, lost: Callable[[str], None]) -> None:
+        """Called (with a reason) when the hardware disappears (hot-plug)."""
+        self._lost = lost
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop everything and release the hardware."""
