@@ -1,0 +1,23 @@
+"""Hardware backends behind one interface (see :mod:`impv4l2.driver.base`)."""
+
+from __future__ import annotations
+
+import importlib
+
+from .base import Backend
+
+# name -> "module:Class", imported only when chosen (t31 needs libimp)
+BACKENDS = {
+    "sim": "impv4l2.driver.sim.backend:SimBackend",
+    "t31": "impv4l2.driver.t31.backend:T31Backend",
+}
+
+
+def load_backend(name: str = "sim", **options) -> Backend:
+    """Create the backend ``name`` with backend-specific keyword options."""
+    try:
+        target = BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})") from None
+    module, cls = target.split(":")
+    return getattr(importlib.import_module(module), cls)(**options)

@@ -1,0 +1,62 @@
+"""The ``sim`` backend: synthetic sensor, software ISP, two frame channels,
+software AVPU.  Behaves like a T31 (channel layout, NV12, controls)."""
+
+from __future__ import annotations
+
+import logging
+
+from ..base import Backend, Encoder, SensorInfo
+from .channel import SimFrameChannel
+from .isp import SimIsp
+from .sensor import FileScene, Scene, SensorClock, SyntheticScene
+
+log = logging.getLogger("impv4l2.sim")
+
+
+class SimBackend(Backend):
+    """Sim hardware.
+
+    Options: ``width``/``height`` of the sensor (default 1920x1080), ``fps``
+    (sensor rate, default 25), ``source`` (a video or image file to use as
+    the sensor input instead of the test pattern), ``mains_hz`` (50 or 60:
+    the simulated lighting's mains frequency, for flicker banding),
+    ``sub_size`` (largest size of the sub channel, default 640x360).
+    """
+
+    name = "sim"
+
+    def __init__(self, width: int = 1920, height: int = 1080, fps: int = 25,
+                 source: str | None = None, mains_hz: int = 50,
+                 sub_size: tuple[int, int] = (640, 360)) -> None:
+        if fps <= 0 or fps > 60:
+            raise ValueError(f"sensor fps {fps} out of range")
+        self.isp = SimIsp(SensorInfo("sim-1080p" if (width, height) == (1920, 1080)
+                                     else f"sim-{width}x{height}", width, height, fps),
+                          mains_hz=mains_hz)
+        self.scene: Scene = FileScene(source) if source else SyntheticScene(fps)
+        self.clock = SensorClock(fps, self.scene, self.isp.tuning)
+        sub = (min(sub_size[0], width), min(sub_size[1], height))
+        self.channels = (
+            SimFrameChannel(self, 0, "main", (width, height)),
+            SimFrameChannel(self, 1, "sub", sub),
+        )
+        self._encoder: Encoder | None = None
+        log.info("sim backend: %dx%d@%d, source %s", width, height, fps, source or "pattern")
+
+    @property
+    def encoder(self) -> Encoder:  # type: ignore[override]
+        """The software AVPU, created on first use (PyAV/libx264)."""
+        if self._encoder is None:
+            from .avpu import SimAvpu  # noqa: PLC0415 (lazy: heavy import)
+            self._encoder = SimAvpu()
+        return self._encoder
+
+    @encoder.setter
+    def encoder(self, value: Encoder) -> None:
+        self._encoder = value
+
+    def close(self) -> None:
+        for ch in self.channels:
+            ch.stop()
+        self.clock.close()
+        self.scene.close()
