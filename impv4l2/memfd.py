@@ -10,10 +10,25 @@ mounts and the preload shim map the memfd itself and need no hook.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import threading
 from typing import Callable
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_MAP_NORESERVE = 0x4000
+
+
+def _map_reserve(fd: int, length: int) -> memoryview:
+    """MAP_SHARED ``length`` bytes of ``fd`` even past its end (Python's mmap refuses that)."""
+    addr = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_NORESERVE, fd, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap of buffer memory: {os.strerror(err)}")
+    return memoryview((ctypes.c_char * length).from_address(addr)).cast("B")
 
 PAGE = mmap.PAGESIZE
 
@@ -34,7 +49,7 @@ class MemfdMemory:
         # Reserve address space once so views stay valid when the file grows.
         self._reserve = reserve
         self._size = 0
-        self._map: mmap.mmap | None = None
+        self._map: memoryview | None = None
         self._to_hooks: list[SyncTo] = []
         self._from_hooks: list[SyncFrom] = []
         if size:
@@ -53,14 +68,13 @@ class MemfdMemory:
             self._size = size
             if self._map is None and size:
                 # MAP_SHARED over the reserve: pages past EOF fault only if touched.
-                self._map = mmap.mmap(self.fd, self._reserve, mmap.MAP_SHARED,
-                                      mmap.PROT_READ | mmap.PROT_WRITE)
+                self._map = _map_reserve(self.fd, self._reserve)
 
     def view(self, offset: int, length: int) -> memoryview:
         if offset < 0 or offset + length > self._size:
             raise ValueError(f"view {offset}+{length} outside memory of {self._size}")
         assert self._map is not None
-        return memoryview(self._map)[offset:offset + length]
+        return self._map[offset:offset + length]
 
     def add_sync_hooks(self, to_client: SyncTo | None = None, from_client: SyncFrom | None = None) -> None:
         if to_client:
@@ -83,12 +97,9 @@ class MemfdMemory:
 
     def close(self) -> None:
         with self._lock:
-            if self._map is not None:
-                try:
-                    self._map.close()
-                except BufferError:
-                    pass  # views still exported; the mapping dies with them
-                self._map = None
+            # The mapping stays (views may still exist); truncating frees the pages.
+            self._map = None
             if self.fd >= 0:
+                os.ftruncate(self.fd, 0)
                 os.close(self.fd)
                 self.fd = -1

@@ -1,0 +1,289 @@
+"""FUSE mount transport against the real kernel (/dev/fuse, root): echo device, real client processes."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+from impv4l2.fuse import FuseMount, cleanup_stale, stale_mounts
+
+sys.path.insert(0, os.path.dirname(__file__))
+from fuse_echo_device import (ECHO, PTR_OUT_S, SIGNAL, WAIT, RESIZE, DRAIN,  # noqa: E402
+                              EchoDevice, INVERT)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CLIENT = os.path.join(HERE, "fuse_echo_device.py")
+ROOT = os.path.dirname(HERE)
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
+                                reason="needs root and /dev/fuse")
+
+
+def client(*args: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.Popen([sys.executable, CLIENT, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def finish(p: subprocess.Popen, timeout: float = 30) -> str:
+    out, err = p.communicate(timeout=timeout)
+    assert p.returncode == 0, f"client failed: {err}"
+    return out
+
+
+@pytest.fixture
+def mnt(request):
+    mode = getattr(request, "param", "auto")
+    d = tempfile.mkdtemp(prefix="impv4l2-fuse-test-")
+    m = FuseMount(os.path.join(d, "mnt"), mmap_mode=mode)
+    m.start()
+    dev = EchoDevice("echo0", memory_size=1 << 20)
+    m.add(dev)
+    yield m, dev, os.path.join(m.mountpoint, "echo0")
+    m.stop()
+    assert not stale_mounts(m.mountpoint)
+    os.rmdir(m.mountpoint)
+    os.rmdir(d)
+
+
+def test_listing_and_attrs(mnt):
+    m, dev, path = mnt
+    assert os.listdir(m.mountpoint) == ["echo0"]
+    st = os.stat(path)
+    assert st.st_size == dev.memory.size == 1 << 20
+    assert oct(st.st_mode & 0o777) == "0o666"
+
+
+def test_roundtrip_sizes_both_directions(mnt):
+    # Restricted ioctls carry at most _IOC_SIZE = 16383 bytes; larger payloads go through a
+    # pointer inside the struct (process_vm_readv/writev on the caller), up to 128 KiB here.
+    _, _, path = mnt
+    sizes = [4, 100, 4096, 16383, 16384, 65536, 131072]
+    assert finish(client("roundtrip", path, *sizes)).strip() == "OK"
+
+
+def test_in_process_client_and_errors(mnt):
+    _, dev, path = mnt
+    fd = os.open(path, os.O_RDWR)
+    try:
+        buf = bytearray(b"\x00\x01\xfe")
+        fcntl.ioctl(fd, ECHO(3), buf)
+        assert bytes(buf) == b"\x00\x01\xfe".translate(INVERT)
+        with pytest.raises(OSError) as e:
+            fcntl.ioctl(fd, (2 << 30) | (4 << 16) | (ord("Z") << 8) | 1, bytearray(4))
+        assert e.value.errno == errno.ENOTTY
+        # Pointer to unmapped memory: the device's process_vm read fails -> EFAULT.
+        with pytest.raises(OSError) as e:
+            fcntl.ioctl(fd, (1 << 30) | (PTR_OUT_S.size << 16) | (ord("E") << 8) | 10,
+                        PTR_OUT_S.pack(8, 16, 0))
+        assert e.value.errno == errno.EFAULT
+        fcntl.ioctl(fd, RESIZE, struct.pack("<I", 2 << 20))
+        assert os.stat(path).st_size == 2 << 20
+    finally:
+        os.close(fd)
+
+
+def _plain(m: FuseMount) -> str:
+    """A device without memory: its file is DIRECT_IO, so read()/write() reach the device in every mode."""
+    return m.add(EchoDevice("plain", memory_size=0))
+
+
+def test_nonblocking_handle_gets_eagain(mnt):
+    m, _, _ = mnt
+    fd = os.open(_plain(m), os.O_RDWR | os.O_NONBLOCK)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.ioctl(fd, WAIT, bytearray(4))
+        with pytest.raises(BlockingIOError):
+            os.read(fd, 10)
+    finally:
+        os.close(fd)
+
+
+def test_many_clients_while_one_waits(mnt):
+    _, dev, path = mnt
+    waiter = client("wait", path)
+    assert waiter.stdout.readline().strip() == "WAITING"
+    time.sleep(0.1)
+    hammers = [client("hammer", path, 10000) for _ in range(8)]
+    for h in hammers:
+        assert finish(h, timeout=120).split() == ["OK", "10000"]
+    assert waiter.poll() is None, "the waiting client should still be parked"
+    fd = os.open(path, os.O_RDWR)
+    fcntl.ioctl(fd, SIGNAL)
+    os.close(fd)
+    assert finish(waiter).split()[0] == "WOKE"
+
+
+def test_signal_ends_blocked_call_with_eintr(mnt):
+    _, dev, path = mnt
+    waiter = client("wait", path)
+    assert waiter.stdout.readline().strip() == "WAITING"
+    time.sleep(0.2)   # let the WAIT reach the server and park
+    t0 = time.monotonic()
+    waiter.send_signal(signal.SIGUSR1)
+    out = finish(waiter, timeout=5).split()
+    assert out[0] == "EINTR"
+    assert float(out[1]) - t0 < 0.1, "EINTR must end the call within 100 ms"
+
+
+@pytest.mark.parametrize("how", ["select", "poll", "epoll"])
+def test_poll_wakes_on_device_signal(mnt, how):
+    _, dev, path = mnt
+    best = 1.0
+    for _ in range(3):
+        with dev.lock:
+            dev.queue.clear()
+        p = client("poll", path, how)
+        assert p.stdout.readline().strip() == "POLLING"
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        dev.signal()   # from a foreign thread, like a backend would
+        out = finish(p, timeout=5).split()
+        assert out[0] == "READY"
+        best = min(best, float(out[1]) - t0)
+    print(f"{how}: woke {best * 1e3:.2f} ms after the device signalled")
+    assert best < 0.005
+
+
+def test_read_write_and_poll_mask(mnt):
+    m, _, _ = mnt
+    fd = os.open(_plain(m), os.O_RDWR | os.O_NONBLOCK)
+    try:
+        import select
+        p = select.poll()
+        p.register(fd, select.POLLIN | select.POLLOUT)
+        assert p.poll(0)[0][1] & select.POLLIN == 0
+        os.write(fd, b"hello")
+        assert p.poll(0)[0][1] & select.POLLIN
+        assert os.read(fd, 100) == b"hello"
+        os.write(fd, b"again")
+        fcntl.ioctl(fd, DRAIN)
+        assert p.poll(0)[0][1] & select.POLLIN == 0
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("mnt", ["passthrough", "direct", "cached"], indirect=True)
+def test_mmap_byte_exact(mnt):
+    m, dev, path = mnt
+    assert m.mmap_mode == mnt[0].requested_mode
+    assert finish(client("mmap", path, 1 << 20, 7, 8192)).strip() == "OK"
+    # Growth: the mapping past the old end works once the memory grew (no SIGBUS).
+    fd = os.open(path, os.O_RDWR)
+    fcntl.ioctl(fd, RESIZE, struct.pack("<I", 4 << 20))
+    os.close(fd)
+    assert finish(client("mmap", path, 4 << 20, 9, 3 << 20)).strip() == "OK"
+
+
+def test_hotplug_add_remove(mnt):
+    m, dev, path = mnt
+    dev2 = EchoDevice("echo1", memory_size=0)
+    m.add(dev2)
+    assert sorted(os.listdir(m.mountpoint)) == ["echo0", "echo1"]
+    fd = os.open(os.path.join(m.mountpoint, "echo1"), os.O_RDWR)
+    result: list = []
+
+    def blocked():
+        try:
+            fcntl.ioctl(fd, WAIT, bytearray(4))
+            result.append("woke")
+        except OSError as e:
+            result.append(e.errno)
+
+    t = threading.Thread(target=blocked)
+    t.start()
+    time.sleep(0.2)
+    m.remove("echo1")
+    t.join(5)
+    assert result == [errno.ENODEV]
+    assert os.listdir(m.mountpoint) == ["echo0"]
+    with pytest.raises(OSError) as e:
+        fcntl.ioctl(fd, ECHO(4), bytearray(4))
+    assert e.value.errno == errno.ENODEV
+    os.close(fd)
+    assert not os.path.exists(os.path.join(m.mountpoint, "echo1"))
+
+
+SERVER = r"""
+import os, signal, sys, time, threading
+sys.path.insert(0, {tests!r})
+from impv4l2.fuse import FuseMount
+from fuse_echo_device import EchoDevice
+m = FuseMount({mp!r})
+m.start()
+m.add(EchoDevice("echo0"))
+done = threading.Event()
+signal.signal(signal.SIGTERM, lambda *a: done.set())
+print("READY", flush=True)
+done.wait()
+t0 = time.monotonic()
+m.stop()
+print("STOPPED", time.monotonic() - t0, flush=True)
+"""
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)   # the FLUSH of a dead connection fails with ENOTCONN; the fd is gone anyway
+    except OSError as e:
+        assert e.errno == errno.ENOTCONN
+
+
+def _server(mp: str) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", SERVER.format(tests=HERE, mp=mp)], stdout=subprocess.PIPE,
+                         text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert p.stdout.readline().strip() == "READY"
+    return p
+
+
+@pytest.fixture
+def mp(tmp_path):
+    path = str(tmp_path / "mnt")
+    yield path
+    cleanup_stale(path)   # leave no dead mount behind if a test failed midway
+
+
+def test_kill9_then_restart(mp):
+    p = _server(mp)
+    fd = os.open(os.path.join(mp, "echo0"), os.O_RDWR)
+    p.kill()
+    p.wait(5)
+    with pytest.raises(OSError) as e:
+        fcntl.ioctl(fd, ECHO(4), bytearray(4))
+    assert e.value.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.ENODEV)
+    _close(fd)
+    with pytest.raises(OSError) as e:
+        os.listdir(mp)
+    assert e.value.errno == errno.ENOTCONN   # the dead mount of a crashed run
+    p2 = _server(mp)
+    try:
+        assert os.listdir(mp) == ["echo0"]
+        assert len(stale_mounts(mp)) == 1
+    finally:
+        p2.send_signal(signal.SIGTERM)
+        p2.wait(5)
+    assert not stale_mounts(mp)
+
+
+def test_sigterm_tears_down_within_1s(mp):
+    p = _server(mp)
+    fd = os.open(os.path.join(mp, "echo0"), os.O_RDWR)   # an open client must not hold it up
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=5)
+    elapsed = time.monotonic() - t0
+    assert "STOPPED" in out
+    assert elapsed < 1.0
+    assert not stale_mounts(mp)
+    _close(fd)
