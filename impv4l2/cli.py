@@ -24,33 +24,71 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
+def _load_config(args: argparse.Namespace) -> config_mod.Config:
+    """The config file with the command line's overrides (also what SIGHUP reloads)."""
+    cfg = config_mod.load(args.config)
+    if getattr(args, "backend", None):
+        cfg.backend = args.backend
+    if getattr(args, "mount", None) is not None:
+        cfg.transport.mount = args.mount
+    if getattr(args, "cuse", None):
+        cfg.transport.cuse = args.cuse
+    if getattr(args, "mmap_mode", None):
+        cfg.transport.mmap_mode = args.mmap_mode
+    if args.verbose:
+        cfg.log_level = "debug"
+    return cfg
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .daemon import Daemon
 
     try:
-        cfg = config_mod.load(args.config)
+        cfg = _load_config(args)
     except config_mod.ConfigError as e:
         log.error("config: %s", e)
         return 2
-    if args.backend:
-        cfg.backend = args.backend
-    if args.mount is not None:
-        cfg.transport.mount = args.mount
-    if args.cuse:
-        cfg.transport.cuse = args.cuse
-    if args.mmap_mode:
-        cfg.transport.mmap_mode = args.mmap_mode
     try:
-        return Daemon(cfg).run()
+        return Daemon(cfg, loader=lambda: _load_config(args)).run()
     except Exception as e:  # one clear line, not a traceback, for start-up failures
         log.error("cannot start: %s", e, exc_info=args.verbose)
         return 1
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from . import install
+
+    try:
+        install.install(args.root, args.runtime)
+    except OSError as e:
+        log.error("install: %s", e)
+        return 1
+    return 0
+
+
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    from . import install
+
+    try:
+        install.uninstall(args.root, args.runtime)
+    except OSError as e:
+        log.error("uninstall: %s", e)
+        return 1
+    return 0
+
+
+def cmd_udev_info(args: argparse.Namespace) -> int:
+    from . import install
+
+    return install.udev_info(args.devnode)
 
 
 # ---------------------------------------------------------------- list
 
 def _query_node(path: str) -> dict | None:
     from linuxpy.video import raw
+
+    from .install import role_of
 
     def ioc(fd: int, cmd: int, st: ctypes.Structure) -> bool:
         try:
@@ -69,8 +107,7 @@ def _query_node(path: str) -> dict | None:
             return None
         caps = cap.device_caps
         card = cap.card.decode()
-        role = "encoder" if caps & (raw.Capability.VIDEO_M2M | raw.Capability.VIDEO_M2M_MPLANE) else (
-            "sub" if " sub" in card else "main")
+        role = role_of(card, cap.bus_info.decode(), caps)
         formats: dict[str, list[str]] = {}
         buftypes = {
             "capture": [raw.BufType.VIDEO_CAPTURE, raw.BufType.VIDEO_CAPTURE_MPLANE],
@@ -131,6 +168,26 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """Exec a command with the preload shim, so its mmap works on CUSE nodes."""
+    from . import shim
+
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        log.error("run: no command (usage: impv4l2 run -- COMMAND [ARGS...])")
+        return 2
+    try:
+        env = shim.preload_env()
+    except RuntimeError as e:
+        log.error("run: %s", e)
+        return 1
+    try:
+        os.execvpe(cmd[0], cmd, env)
+    except OSError as e:
+        log.error("run: %s: %s", cmd[0], e)
+        return 127
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="impv4l2", description="Userspace V4L2 driver for Ingenic T31 cameras.")
     p.add_argument("--version", action="version", version=f"impv4l2 {__version__}")
@@ -144,12 +201,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cuse", choices=["auto", "on", "off"], help="serve /dev/videoN through CUSE")
     s.add_argument("--mmap-mode", choices=["auto", "passthrough", "direct", "cached"])
     s.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
+    s.add_argument("--config", default=argparse.SUPPRESS, help="TOML configuration")
     s.set_defaults(func=cmd_serve)
+
+    for name, func, what in (("install", cmd_install, "install the udev rules and the systemd unit"),
+                             ("uninstall", cmd_uninstall, "remove what install wrote")):
+        i = sub.add_parser(name, help=what, description=f"{what[0].upper()}{what[1:]} "
+                           "(/etc/udev/rules.d, /etc/systemd/system) and reload udevd and systemd.")
+        i.add_argument("--root", default="/", help="install under this directory (default /)")
+        i.add_argument("--runtime", action="store_true",
+                       help="use /run/udev/rules.d and /run/systemd/system (gone after reboot)")
+        i.set_defaults(func=func)
+
+    u = sub.add_parser("udev-info", help="print udev properties of an impv4l2 node (used by the rules)")
+    u.add_argument("devnode")
+    u.set_defaults(func=cmd_udev_info)
 
     ls = sub.add_parser("list", help="list the nodes of a running driver")
     ls.add_argument("--json", action="store_true")
     ls.add_argument("--mount", help="FUSE mount point to look in")
     ls.set_defaults(func=cmd_list)
+
+    r = sub.add_parser("run", help="run a command with the mmap shim for CUSE nodes (LD_PRELOAD)")
+    r.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
+    r.set_defaults(func=cmd_run)
     return p
 
 

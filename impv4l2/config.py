@@ -52,14 +52,26 @@ class TransportConfig:
 
 
 @dataclasses.dataclass
+class HotplugConfig:
+    # auto: on for backends with real hardware (t31), or when ``devices`` is set.
+    enable: str = "auto"  # auto | on | off (true/false accepted)
+    # Kernel device names (fnmatch patterns, e.g. "framechan*") that make up the
+    # hardware; all must be present.  Empty: the backend's default
+    # (impv4l2.hotplug.DEFAULT_DEVICES).
+    devices: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
 class Config:
     backend: str = "sim"
+    log_level: str = "info"  # debug | info | warning | error (-v forces debug)
     backend_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     main: ChannelConfig = dataclasses.field(default_factory=lambda: ChannelConfig(1920, 1080, 25))
     sub: ChannelConfig = dataclasses.field(default_factory=lambda: ChannelConfig(640, 360, 25))
     nodes: NodeConfig = dataclasses.field(default_factory=NodeConfig)
     encoder: EncoderDefaults = dataclasses.field(default_factory=EncoderDefaults)
     transport: TransportConfig = dataclasses.field(default_factory=TransportConfig)
+    hotplug: HotplugConfig = dataclasses.field(default_factory=HotplugConfig)
     path: str | None = None
 
 
@@ -70,7 +82,16 @@ _CHOICES = {
     ("encoder", "profile"): ("baseline", "main", "high"),
     ("encoder", "rc_mode"): ("fixqp", "cbr", "vbr", "capped_vbr", "capped_quality"),
     ("", "backend"): ("sim", "t31"),
+    ("", "log_level"): ("debug", "info", "warning", "error"),
+    ("hotplug", "enable"): ("auto", "on", "off"),
 }
+
+# Values rewritten before checking, as data: TOML booleans for on/off switches.
+_COERCE = {
+    ("hotplug", "enable"): {True: "on", False: "off"},
+}
+
+_NODE_NAME = re.compile(r"^video[0-9]+$")
 
 _SECTIONS: dict[str, type] = {
     "nodes": NodeConfig,
@@ -78,6 +99,7 @@ _SECTIONS: dict[str, type] = {
     "transport": TransportConfig,
     "main": ChannelConfig,
     "sub": ChannelConfig,
+    "hotplug": HotplugConfig,
 }
 
 
@@ -113,13 +135,17 @@ def load(path: str | None = None) -> Config:
         text = raw.decode()
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        # tomllib says "... (at line N, column M)": lead with path:N like a compiler.
+        m = re.search(r"\(at line (\d+), column \d+\)", str(e))
+        raise ConfigError(f"{path}:{m.group(1)}: {e}" if m else f"{path}: {e}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: {e}") from None
     cfg.path = path
 
     def fail(section: str, key: str, msg: str) -> None:
-        line = _line_of(text, section, key)
+        # The key's line; else its section's header; else a top-level table's header.
+        line = _line_of(text, section, key) or (_line_of(text, section, "") if section else
+                                                 _line_of(text, key, ""))
         where = f"{path}:{line}" if line else path
         name = f"{section}.{key}" if section else key
         raise ConfigError(f"{where}: {name}: {msg}")
@@ -130,11 +156,11 @@ def load(path: str | None = None) -> Config:
             fail(section, key, f"{value!r} is not one of {', '.join(allowed)}")
 
     for key, value in data.items():
-        if key == "backend":
+        if key in ("backend", "log_level"):
             if not isinstance(value, str):
                 fail("", key, "must be a string")
             check_choice("", key, value)
-            cfg.backend = value
+            setattr(cfg, key, value)
         elif key in ("sim", "t31"):
             if not isinstance(value, dict):
                 fail("", key, "must be a table")
@@ -149,7 +175,10 @@ def load(path: str | None = None) -> Config:
             for k, v in value.items():
                 if k not in fields:
                     fail(key, k, f"unknown key (known: {', '.join(fields)})")
+                v = _COERCE.get((key, k), {}).get(v, v) if isinstance(v, bool) else v
                 expected = type(getattr(current, k))
+                if expected is list and not (isinstance(v, list) and all(isinstance(x, str) and x for x in v)):
+                    fail(key, k, f"must be a list of non-empty strings, not {v!r}")
                 if expected is int and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
                     fail(key, k, f"must be a non-negative integer, not {v!r}")
                 if expected is str and not isinstance(v, str):
@@ -162,8 +191,19 @@ def load(path: str | None = None) -> Config:
             fail("", key, "unknown key")
     for role in ("main", "sub"):
         ch: ChannelConfig = getattr(cfg, role)
-        if ch.width % 2 or ch.height % 2 or not ch.width or not ch.height:
-            fail(role, "width", f"size {ch.width}x{ch.height} must be even and non-zero")
+        for key in ("width", "height"):
+            if getattr(ch, key) % 2 or not getattr(ch, key):
+                fail(role, key, f"size {ch.width}x{ch.height} must be even and non-zero")
         if not 1 <= ch.fps <= 60:
             fail(role, "fps", f"{ch.fps} is outside 1..60")
+    seen: dict[str, str] = {}
+    for role in ("main", "sub", "encoder"):
+        name = getattr(cfg.nodes, role)
+        if not name:
+            continue
+        if not _NODE_NAME.match(name):
+            fail("nodes", role, f"{name!r} is not a videoN name")
+        if name in seen:
+            fail("nodes", role, f"{name!r} is already used by nodes.{seen[name]}")
+        seen[name] = role
     return cfg

@@ -19,16 +19,17 @@ from typing import Callable
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _MAP_NORESERVE = 0x4000
 
 
-def _map_reserve(fd: int, length: int) -> memoryview:
+def _map_reserve(fd: int, length: int) -> tuple[int, memoryview]:
     """MAP_SHARED ``length`` bytes of ``fd`` even past its end (Python's mmap refuses that)."""
     addr = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_NORESERVE, fd, 0)
     if addr in (None, ctypes.c_void_p(-1).value):
         err = ctypes.get_errno()
         raise OSError(err, f"mmap of buffer memory: {os.strerror(err)}")
-    return memoryview((ctypes.c_char * length).from_address(addr)).cast("B")
+    return addr, memoryview((ctypes.c_char * length).from_address(addr)).cast("B")
 
 PAGE = mmap.PAGESIZE
 
@@ -68,7 +69,7 @@ class MemfdMemory:
             self._size = size
             if self._map is None and size:
                 # MAP_SHARED over the reserve: pages past EOF fault only if touched.
-                self._map = _map_reserve(self.fd, self._reserve)
+                self._addr, self._map = _map_reserve(self.fd, self._reserve)
 
     def view(self, offset: int, length: int) -> memoryview:
         if offset < 0 or offset + length > self._size:
@@ -96,9 +97,13 @@ class MemfdMemory:
         return all([hook(offset, length) for hook in self._from_hooks])
 
     def close(self) -> None:
+        """Free the memory.  The owner stops every producer and consumer first:
+        views taken earlier are dead afterwards."""
         with self._lock:
-            # The mapping stays (views may still exist); truncating frees the pages.
-            self._map = None
+            if self._map is not None:
+                self._map.release()
+                self._map = None
+                _libc.munmap(self._addr, self._reserve)  # else every closed node leaks 1 GiB of address space
             if self.fd >= 0:
                 os.ftruncate(self.fd, 0)
                 os.close(self.fd)

@@ -26,3 +26,6 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
     .venv/bin/pip install -q -e ".$extra"
     touch "$stamp"
 fi
+# The mmap shim for CUSE nodes (`impv4l2 run`), built with the system cc into
+# .venv/lib/impv4l2/ — only when its source is newer; never shipped prebuilt.
+.venv/bin/python -m impv4l2.shim build >/dev/null

@@ -84,7 +84,20 @@ class CuseServer(Server):
         log.info("%s: CUSE device %d:%d, FUSE 7.%d", self.devname, *self.devnum, self._minor)
 
     def stop(self, timeout: float = 1.0) -> None:
-        """Stop the thread and close the fd: the character device vanishes."""
+        """Stop the thread and close the fd: the character device vanishes.
+
+        Closing /dev/cuse aborts waiting requests with ECONNABORTED, which
+        clients do not expect from a V4L2 node; so the node is first marked
+        removed (parked and new requests get ENODEV) and served until quiet.
+        """
+        if self._fd >= 0 and self._thread and self._thread.is_alive() and not self._node.removed:
+            self._node.removed = True
+            self._waker(self._node)()
+            deadline = time.monotonic() + 0.2
+            seen = -1
+            while seen != self.requests and time.monotonic() < deadline:
+                seen = self.requests
+                time.sleep(0.05)
         self._stopping = True
         if self._evfd >= 0:
             os.eventfd_write(self._evfd, 1)

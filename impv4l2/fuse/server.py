@@ -198,6 +198,7 @@ class Server:
 
     def __init__(self) -> None:
         self._fd = -1
+        self.requests = 0  # requests dispatched (CuseServer.stop waits for quiet)
         self._buf = bytearray(BUFSIZE)
         self._mv = memoryview(self._buf)
         self._evfd = -1
@@ -295,6 +296,7 @@ class Server:
             self._error(unique, errno.EINVAL)
             return
         self._cur_req = mv[:n]
+        self.requests += 1
         op = self._ops.get(opcode)
         if log.isEnabledFor(logging.DEBUG) and opcode != P.IOCTL:
             log.debug("%s %s pid=%d unique=%d", self._name_of(nodeid), P.OPCODE_NAMES.get(opcode, opcode),

@@ -1,0 +1,362 @@
+"""Device/Handle plumbing shared by every V4L2 node (capture, M2M encoder).
+
+:class:`Node` implements :class:`impv4l2.fileops.Device`: it owns the node
+memory (memfd), the priority state, the set of open handles, the control
+view (with control events) and the buffer queues.  :class:`NodeHandle`
+implements :class:`impv4l2.fileops.Handle`: the ioctl entry point (one table
+lookup, the priority check, logging, exceptions turned into errnos) and the
+ioctls every node answers the same way: QUERYCAP, G/S_PRIORITY, the control
+and event ioctls, the buffer-queue ioctls and LOG_STATUS.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import threading
+from typing import Callable
+
+from ..fileops import POLLERR, POLLIN, POLLPRI, POLLRDNORM, Caller, NeedMemory, WouldBlock
+from ..memfd import MemfdMemory
+from ..shim import server as shim_server
+from . import abi
+from .controls import Control, ControlView
+from .dispatch import Ioctl, IoctlTable
+from .events import EventQueue, ctrl_event
+from .queue import BufferQueue
+
+log = logging.getLogger("impv4l2.v4l2")
+
+# Ioctls whose struct goes back to the caller even when they fail.
+ALWAYS_COPY = frozenset(abi.VIDIOC[n] for n in ("G_EXT_CTRLS", "S_EXT_CTRLS", "TRY_EXT_CTRLS"))
+
+VALID_PRIOS = (abi.Priority.BACKGROUND, abi.Priority.INTERACTIVE, abi.Priority.RECORD)
+
+
+class Node:
+    """Base of a V4L2 node served by a transport (implements fileops.Device)."""
+
+    compat32 = False
+    card = "impv4l2"
+    bus_info = "platform:impv4l2"
+    device_caps = 0
+    # (event type, needs id in controls) subscribable on this node
+    event_types: frozenset[int] = frozenset({abi.EventType.CTRL})
+
+    def __init__(self, name: str, controls: ControlView, memory: MemfdMemory | None = None):
+        self.name = name
+        self.memory = memory if memory is not None else MemfdMemory(name)
+        self.controls = controls
+        self.handles: set[NodeHandle] = set()
+        self.queues: dict[int, BufferQueue] = {}
+        self._prio_count = {p: 0 for p in VALID_PRIOS}
+        self._lock = threading.Lock()
+        self._wake: Callable[[], None] = lambda: None
+        self.log = logging.LoggerAdapter(log, {"node": name})
+        controls.add_listener(self._control_changed)
+
+    # ------------------------------------------------------------ fileops.Device
+
+    def set_waker(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        for q in self.queues.values():
+            q.wake = wake
+
+    def wake(self) -> None:
+        self._wake()
+
+    def open(self, caller: Caller) -> "NodeHandle":
+        h = self.handle_class(self, caller)
+        with self._lock:
+            self.handles.add(h)
+            self._prio_count[h.prio] += 1
+        log.debug("%s pid %d: open (flags 0x%x)", self.name, caller.pid, caller.flags)
+        return h
+
+    handle_class: type["NodeHandle"]
+
+    def closed(self, h: "NodeHandle") -> None:
+        for q in self.queues.values():
+            q.release(h)
+        with self._lock:
+            if h in self.handles:
+                self.handles.discard(h)
+                self._prio_count[h.prio] -= 1
+
+    def close(self) -> None:
+        """Tear down (daemon shutdown): stop queues, drop listeners."""
+        for h in list(self.handles):
+            h.release()
+        self.controls.remove_listener(self._control_changed)
+
+    # ------------------------------------------------------------ priority
+
+    def max_prio(self) -> int:
+        for p in (abi.Priority.RECORD, abi.Priority.INTERACTIVE, abi.Priority.BACKGROUND):
+            if self._prio_count[p]:
+                return p
+        return abi.Priority.UNSET
+
+    def change_prio(self, h: "NodeHandle", new: int) -> None:
+        if new not in VALID_PRIOS:
+            raise OSError(errno.EINVAL, f"invalid priority {new}")
+        with self._lock:
+            self._prio_count[h.prio] -= 1
+            self._prio_count[new] += 1
+            h.prio = new
+
+    # ------------------------------------------------------------ events
+
+    def _control_changed(self, ctrl: Control, value: int, origin: object) -> None:
+        posted = False
+        for h in list(self.handles):
+            flags = h.events.subscribed(abi.EventType.CTRL, ctrl.id)
+            if flags is None:
+                continue
+            if h is origin and not flags & abi.EVENT_SUB_FL_ALLOW_FEEDBACK:
+                continue
+            posted |= h.events.post(ctrl_event(ctrl, value, abi.EVENT_CTRL_CH_VALUE))
+        if posted:
+            self.wake()
+
+    def post_event(self, ev: abi.v4l2_event) -> None:
+        posted = False
+        for h in list(self.handles):
+            posted |= h.events.post(ev)
+        if posted:
+            self.wake()
+
+    def log_status(self) -> list[str]:
+        return [f"{len(self.handles)} open, priority {self.max_prio()}"]
+
+
+class NodeHandle:
+    """One open file of a node (implements fileops.Handle)."""
+
+    table = IoctlTable()
+
+    def __init__(self, node: Node, caller: Caller):
+        self.node = node
+        self.caller = caller
+        self.prio = abi.Priority.DEFAULT
+        self.events = EventQueue()
+        self.nonblocking = bool(caller.flags & os.O_NONBLOCK)
+        self._released = False
+
+    # ------------------------------------------------------------ fileops.Handle
+
+    def ioctl(self, cmd: int, arg: bytearray, mem) -> int:
+        node = self.node
+        e = self.table.get(cmd)
+        if e is None:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s pid %d: %s: ENOTTY", node.name, self.caller.pid, abi.ioctl_name(cmd))
+            raise OSError(errno.ENOTTY, f"{abi.ioctl_name(cmd)} not supported")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s pid %d: %s", node.name, self.caller.pid, e.name)
+        try:
+            s = e.struct.from_buffer(arg) if e.struct is not None else None
+            if e.prio and self.prio < node.max_prio():
+                raise OSError(errno.EBUSY, "another handle has a higher priority")
+            return e.fn(self, s, mem) or 0
+        except (WouldBlock, NeedMemory):
+            raise
+        except OSError as ex:
+            level = logging.DEBUG if ex.errno in (errno.EINVAL, errno.ENOTTY, errno.EAGAIN) else logging.INFO
+            log.log(level, "%s pid %d: %s: %s (%s)", node.name, self.caller.pid, e.name,
+                    errno.errorcode.get(ex.errno or 0, ex.errno), ex.strerror)
+            if cmd in ALWAYS_COPY and ex.errno:
+                # A negative result (not an error reply) makes the transport copy the struct
+                # back: the caller needs error_idx (the kernel's INFO_FL_ALWAYS_COPY).
+                return -ex.errno
+            raise
+        except Exception:
+            log.exception("%s pid %d: %s failed", node.name, self.caller.pid, e.name)
+            raise OSError(errno.EIO, f"{e.name}: internal error") from None
+
+    def read(self, size: int, offset: int):
+        raise OSError(errno.EINVAL, "read() not supported")
+
+    def write(self, data, offset: int) -> int:
+        raise OSError(errno.EINVAL, "write() not supported")
+
+    def poll(self) -> int:
+        mask = POLLPRI if self.events.has_pending() else 0
+        return mask | self.poll_queues()
+
+    def poll_queues(self) -> int:
+        mask = 0
+        for q in self.node.queues.values():
+            if q.owner is self or (q.fileio is not None and q.fileio.owner is self):
+                if not q.streaming:
+                    mask |= POLLERR
+                elif q.has_done():
+                    mask |= POLLIN | POLLRDNORM
+        return mask
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        log.debug("%s pid %d: release", self.node.name, self.caller.pid)
+        self.node.closed(self)
+
+    # ------------------------------------------------------------ helpers
+
+    @property
+    def controls(self) -> ControlView:
+        """The controls this handle's control ioctls act on (the node's; an
+        M2M node gives each open file its own)."""
+        return self.node.controls
+
+    def queue(self, buf_type: int) -> BufferQueue:
+        q = self.node.queues.get(buf_type)
+        if q is None:
+            raise OSError(errno.EINVAL, f"buffer type {buf_type} not supported")
+        return q
+
+    # ------------------------------------------------------------ common ioctls
+
+    @table.ioctl("QUERYCAP", abi.v4l2_capability)
+    def _querycap(self, s, mem):
+        n = self.node
+        abi.zero(s)
+        abi.set_str(s, "driver", "impv4l2")
+        abi.set_str(s, "card", n.card)
+        abi.set_str(s, "bus_info", n.bus_info)
+        s.version = abi.kernel_version()
+        s.device_caps = n.device_caps
+        s.capabilities = n.device_caps | abi.Cap.DEVICE_CAPS
+
+    @table.ioctl("G_PRIORITY", abi.c_uint)
+    def _g_priority(self, s, mem):
+        s.value = self.node.max_prio()
+
+    @table.ioctl("S_PRIORITY", abi.c_uint, prio=True)
+    def _s_priority(self, s, mem):
+        self.node.change_prio(self, s.value)
+
+    @table.ioctl("LOG_STATUS")
+    def _log_status(self, s, mem):
+        for line in self.node.log_status():
+            log.info("%s: %s", self.node.name, line)
+
+    # controls
+    @table.ioctl("QUERYCTRL", abi.v4l2_queryctrl)
+    def _queryctrl(self, s, mem):
+        self.controls.queryctrl(s)
+
+    @table.ioctl("QUERY_EXT_CTRL", abi.v4l2_query_ext_ctrl)
+    def _query_ext_ctrl(self, s, mem):
+        self.controls.query_ext_ctrl(s)
+
+    @table.ioctl("QUERYMENU", abi.v4l2_querymenu)
+    def _querymenu(self, s, mem):
+        self.controls.querymenu(s)
+
+    @table.ioctl("G_CTRL", abi.v4l2_control)
+    def _g_ctrl(self, s, mem):
+        self.controls.g_ctrl(s)
+
+    @table.ioctl("S_CTRL", abi.v4l2_control, prio=True)
+    def _s_ctrl(self, s, mem):
+        self.controls.s_ctrl(s, self)
+
+    @table.ioctl("G_EXT_CTRLS", abi.v4l2_ext_controls)
+    def _g_ext_ctrls(self, s, mem):
+        self.controls.ext_ctrls("get", s, mem, self)
+
+    @table.ioctl("S_EXT_CTRLS", abi.v4l2_ext_controls, prio=True)
+    def _s_ext_ctrls(self, s, mem):
+        self.controls.ext_ctrls("set", s, mem, self)
+
+    @table.ioctl("TRY_EXT_CTRLS", abi.v4l2_ext_controls)
+    def _try_ext_ctrls(self, s, mem):
+        self.controls.ext_ctrls("try", s, mem, self)
+
+    # events
+    @table.ioctl("SUBSCRIBE_EVENT", abi.v4l2_event_subscription)
+    def _subscribe_event(self, s, mem):
+        t, i, flags = s.type, s.id, s.flags
+        if t not in self.node.event_types:
+            raise OSError(errno.EINVAL, f"event type {t} not supported")
+        if t == abi.EventType.CTRL:
+            c = self.controls.find(i)
+            self.events.subscribe(t, i, flags)
+            if flags & abi.EVENT_SUB_FL_SEND_INITIAL and c.type != abi.CtrlType.CTRL_CLASS:
+                changes = abi.EVENT_CTRL_CH_FLAGS
+                value = 0
+                if not c.flags & abi.CtrlFlag.WRITE_ONLY:
+                    changes |= abi.EVENT_CTRL_CH_VALUE
+                    value = c.get()
+                if self.events.post(ctrl_event(c, value, changes)):
+                    self.node.wake()
+            return
+        self.events.subscribe(t, i if t == abi.EventType.SOURCE_CHANGE else 0, flags)
+
+    @table.ioctl("UNSUBSCRIBE_EVENT", abi.v4l2_event_subscription)
+    def _unsubscribe_event(self, s, mem):
+        self.events.unsubscribe(s.type, s.id)
+
+    @table.ioctl("DQEVENT", abi.v4l2_event)
+    def _dqevent(self, s, mem):
+        if not self.events.dequeue(s):
+            if self.nonblocking or self.events.polled:
+                raise OSError(errno.ENOENT, "no event pending")
+            raise WouldBlock()
+
+    # buffer queues
+    @table.ioctl("REQBUFS", abi.v4l2_requestbuffers, prio=True)
+    def _reqbufs(self, s, mem):
+        q = self.queue(s.type)
+        self.before_reqbufs(q, s)
+        q.reqbufs(self, s)
+        if s.memory == abi.Memory.MMAP and s.count:
+            # CUSE nodes have no mmap: hint `impv4l2 run` once to a client without the shim.
+            shim_server.note_mmap_client(self.node.name, self.caller.pid)
+
+    def _shim_info(self, s, mem):
+        """Driver-private: how the preload shim gets this node's buffer memory."""
+        return shim_server.shim_info_ioctl(self.node.name, s)
+
+    table.entries[shim_server.VIDIOC_IMPV4L2_SHIM_INFO] = Ioctl(
+        shim_server.VIDIOC_IMPV4L2_SHIM_INFO, "VIDIOC_IMPV4L2_SHIM_INFO",
+        shim_server.SHIM_INFO_STRUCT, _shim_info, False)
+
+    def before_reqbufs(self, q: BufferQueue, s) -> None:
+        """Hook: a node refreshes the queue's plane sizes from its format."""
+
+    @table.ioctl("CREATE_BUFS", abi.v4l2_create_buffers, prio=True)
+    def _create_bufs(self, s, mem):
+        q = self.queue(s.format.type)
+        sizes = self.create_bufs_sizes(q, s.format)
+        q.create_bufs(self, s, sizes)
+
+    def create_bufs_sizes(self, q: BufferQueue, fmt: abi.v4l2_format) -> list[int]:
+        raise OSError(errno.EINVAL, "CREATE_BUFS not supported")
+
+    @table.ioctl("QUERYBUF", abi.v4l2_buffer)
+    def _querybuf(self, s, mem):
+        self.queue(s.type).querybuf(s, mem)
+
+    @table.ioctl("PREPARE_BUF", abi.v4l2_buffer)
+    def _prepare_buf(self, s, mem):
+        self.queue(s.type).prepare_buf(self, s, mem)
+
+    @table.ioctl("QBUF", abi.v4l2_buffer)
+    def _qbuf(self, s, mem):
+        self.queue(s.type).qbuf(self, s, mem)
+
+    @table.ioctl("DQBUF", abi.v4l2_buffer)
+    def _dqbuf(self, s, mem):
+        self.queue(s.type).dqbuf(self, s, mem)
+
+    @table.ioctl("STREAMON", abi.c_int, prio=True)
+    def _streamon(self, s, mem):
+        self.queue(s.value).streamon(self, s.value)
+
+    @table.ioctl("STREAMOFF", abi.c_int, prio=True)
+    def _streamoff(self, s, mem):
+        self.queue(s.value).streamoff(self, s.value)

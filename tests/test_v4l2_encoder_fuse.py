@@ -1,0 +1,128 @@
+"""The M2M encoder node served over a real FUSE mount, driven by real clients:
+ffmpeg's h264_v4l2m2m (found through a /dev/videoN symlink, as ffmpeg scans
+/dev) and a Python client using fcntl.ioctl + mmap on the node file."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from impv4l2.driver.h264 import NalType, nal_types
+
+from encoder_client import FdHandle, M2MClient, err_of, make_frame, texture
+from v4l2_helpers import ioctl
+
+pytestmark = pytest.mark.root
+
+from impv4l2.v4l2 import abi  # noqa: E402
+
+CID = abi.CID
+BF = abi.BufFlag
+
+
+def _free_video_number() -> int:
+    for n in range(64, 100):
+        if not os.path.lexists(f"/dev/video{n}"):
+            return n
+    pytest.skip("no free /dev/videoN name")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(node, path of the FUSE file, /dev/videoN symlink to it)."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        pytest.skip("needs root and /dev/fuse")
+    from impv4l2.driver import load_backend
+    from impv4l2.fuse import FuseMount
+    from impv4l2.v4l2.encoder import EncoderNode
+
+    n = _free_video_number()
+    backend = load_backend("sim")
+    node = EncoderNode(f"video{n}", backend)
+    mnt = FuseMount(str(tmp_path_factory.mktemp("enc") / "mnt"))
+    mnt.start()
+    link = f"/dev/video{n}"
+    try:
+        path = mnt.add(node)
+        os.symlink(path, link)
+        yield node, path, link
+    finally:
+        if os.path.islink(link):
+            os.unlink(link)
+        mnt.stop()
+        node.close()
+        backend.close()
+
+
+def _probe(path: str, entries: str) -> list[str]:
+    r = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v", "-show_entries", entries,
+                        "-of", "csv=p=0", *(["-count_frames"] if "nb_read" in entries else []), path],
+                       capture_output=True, text=True, check=True)
+    return r.stdout.split()
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
+@pytest.mark.parametrize("pix_fmt,fourcc", [("yuv420p", "YU12"), ("nv12", "NV12")])
+def test_ffmpeg_h264_v4l2m2m(served, tmp_path, pix_fmt, fourcc):
+    node, path, link = served
+    out = tmp_path / "out.mp4"
+    r = subprocess.run(
+        ["ffmpeg", "-hide_banner", "-loglevel", "verbose", "-nostdin", "-y",
+         "-f", "lavfi", "-i", "testsrc2=size=1280x720:rate=30", "-frames:v", "300",
+         "-pix_fmt", pix_fmt, "-c:v", "h264_v4l2m2m", "-b:v", "2M", "-g", "30", str(out)],
+        capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"Using device {link}" in r.stderr
+    assert f"output={fourcc} capture=H264" in r.stderr
+    # decodes without errors, 300 frames, an IDR every 30 frames, ~2 Mb/s
+    d = subprocess.run(["ffmpeg", "-v", "error", "-i", str(out), "-f", "null", "-"],
+                       capture_output=True, text=True)
+    assert d.returncode == 0 and d.stderr.strip() == "", d.stderr
+    bit_rate, frames = _probe(str(out), "stream=bit_rate,nb_read_frames")[0].split(",")
+    assert int(frames) == 300
+    assert abs(int(bit_rate) - 2_000_000) < 0.2 * 2_000_000, bit_rate
+    flags = _probe(str(out), "packet=flags")
+    keys = [i for i, f in enumerate(flags) if f.startswith("K")]
+    assert keys == list(range(0, 300, 30))
+
+
+def test_python_client_drain_and_controls(served):
+    """Streaming control over the real transport: FORCE_KEY_FRAME, drain
+    (LAST, EPIPE as the errno of the real DQBUF, EOS event), resume."""
+    node, path, link = served
+    w, h = 320, 240
+    tex = texture(w, h)
+    fr = [make_frame(tex, i, w, h) for i in range(12)]
+    c = M2MClient(node, w, h, handle=FdHandle(path), controls={CID.MPEG_VIDEO_GOP_SIZE: 100})
+    try:
+        sub = abi.v4l2_event_subscription()
+        sub.type = abi.EventType.EOS
+        ioctl(c.h, "SUBSCRIBE_EVENT", sub)
+        c.streamon()
+        aus = [au for _, au in c.encode(fr[:4])]
+        c.ctrl(CID.MPEG_VIDEO_FORCE_KEY_FRAME, 0)
+        aus += [au for _, au in c.encode(fr[4:6], ts0_us=4 * 33_333)]
+        assert [NalType.IDR in nal_types(a) for a in aus] == [True, False, False, False, True, False]
+        for i in range(3):
+            c.queue_out(i, fr[6 + i], i)
+        for i in range(4):
+            c.queue_cap(i)
+        c.encoder_cmd(1)
+        got = [c.dqbuf(c.cap_t) for _ in range(3)]
+        assert [bool(b.flags & BF.LAST) for b, _, _ in got] == [False, False, True]
+        assert err_of(c.dqbuf, c.cap_t) == errno.EPIPE
+        ev = abi.v4l2_event()
+        ioctl(c.h, "DQEVENT", ev)
+        assert ev.type == abi.EventType.EOS
+        for _ in range(3):
+            c.dqbuf(c.out_t)
+        c.encoder_cmd(0)
+        c.queue_out(0, fr[9], 9)
+        b, n, au = c.dqbuf(c.cap_t)
+        assert n > 0 and not b.flags & BF.LAST
+    finally:
+        c.close()

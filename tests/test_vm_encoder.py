@@ -1,0 +1,83 @@
+"""v4l2-compliance on the M2M encoder node served as a real CUSE character device (VM only)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+
+import pytest
+
+pytestmark = pytest.mark.vm
+
+TOTAL_RE = re.compile(r"^Total for (\S+) device (\S+): (\d+), Succeeded: (\d+), Failed: (\d+), "
+                      r"Warnings: (\d+)$", re.M)
+
+
+@pytest.fixture(scope="module")
+def cuse_encoder():
+    from impv4l2.driver import load_backend
+    from impv4l2.fuse import CuseServer
+    from impv4l2.v4l2.encoder import EncoderNode
+
+    backend = load_backend("sim")
+    name = next(f"video{n}" for n in range(60, 100) if not os.path.exists(f"/dev/video{n}"))
+    node = EncoderNode(name, backend)
+    srv = CuseServer(node)
+    srv.start()
+    dev = f"/dev/{name}"
+    deadline = time.monotonic() + 10
+    while not os.path.exists(dev) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield dev
+    finally:
+        srv.stop()
+        node.close()
+        backend.close()
+
+
+def _compliance(dev: str, *args: str) -> tuple[str, tuple[int, int, int, int]]:
+    proc = subprocess.run(["v4l2-compliance", "-d", dev, *args], capture_output=True, text=True,
+                          timeout=600)
+    m = TOTAL_RE.search(proc.stdout)
+    assert m, proc.stdout[-4000:] + proc.stderr[-2000:]
+    total, ok, failed, warnings = map(int, m.group(3, 4, 5, 6))
+    return proc.stdout, (total, ok, failed, warnings)
+
+
+# v4l2-compliance 1.22 requires a media controller entity function of every
+# encoder ("node->function != MEDIA_ENT_F_PROC_VIDEO_ENCODER" in testEncoder);
+# v4l-utils later limited that check to nodes that have a media device (Hans
+# Verkuil's "only check function ... has_media" fix).  A CUSE node has no
+# media device, so with 1.22 this one check fails whatever the node does.
+KNOWN_TOOL_FAILS = ("v4l2-test-codecs.cpp(35): node->function != MEDIA_ENT_F_PROC_VIDEO_ENCODER",)
+
+
+def _failures(out: str) -> list[str]:
+    return [l.strip() for l in out.splitlines() if "fail:" in l]
+
+
+def test_v4l2_compliance_encoder(cuse_encoder, record_property):
+    out, (total, ok, failed, warnings) = _compliance(cuse_encoder)
+    print(out)
+    record_property("encoder_compliance", f"{total} tests, {failed} failed, {warnings} warnings")
+    assert "Stateful Encoder" in out or "stateful encoder" in out.lower(), out[:3000]
+    fails = _failures(out)
+    unexpected = [f for f in fails if not any(k in f for k in KNOWN_TOOL_FAILS)]
+    assert not unexpected, "\n".join(unexpected)
+    assert failed <= len(KNOWN_TOOL_FAILS)
+
+
+def test_v4l2_compliance_encoder_streaming(cuse_encoder, record_property):
+    # -s streams with MMAP; a CUSE node cannot mmap (design.md §3) without the
+    # preload shim, so the streaming part is recorded, not required.
+    out, (total, ok, failed, warnings) = _compliance(cuse_encoder, "-s")
+    print(out[out.find("Test input"):] if "Test input" in out else out)
+    record_property("encoder_compliance_streaming", f"{total} tests, {failed} failed")
+    fails = [f for f in _failures(out) if not any(k in f for k in KNOWN_TOOL_FAILS)]
+    print("streaming failures:\n" + "\n".join(fails))
+    # the non-streaming part passes; streaming failures are only mmap's (ENODEV on CUSE)
+    head = out.split("Test input")[0]
+    assert not [f for f in _failures(head) if not any(k in f for k in KNOWN_TOOL_FAILS)], head[-4000:]

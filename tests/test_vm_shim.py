@@ -1,0 +1,208 @@
+"""The preload shim on real CUSE nodes (VM): unmodified mmap clients through `impv4l2 run`.
+
+One daemon (sim backend, CUSE on) serves the module; clients are the real
+ffmpeg, v4l2-ctl and v4l2-compliance, plus a small linuxpy-free client that
+checks its mapping IS the driver's memfd (zero copies).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.vm
+
+ROOT = Path(__file__).resolve().parents[1]
+IMPV4L2 = [sys.executable, "-m", "impv4l2.cli"]
+RUN = [*IMPV4L2, "run", "--"]
+TOTAL_RE = re.compile(r"^Total for \S+ device \S+: (\d+), Succeeded: (\d+), Failed: (\d+)", re.M)
+
+# The daemon as `impv4l2 serve` builds it; until daemon.py starts the shim
+# server itself (Daemon.shim), this script adds exactly the lines proposed for it.
+SERVE = r"""
+import json, logging, os, sys
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+from impv4l2 import config
+from impv4l2.daemon import Daemon
+cfg = config.Config()
+cfg.transport.cuse = "on"
+cfg.transport.mount = sys.argv[1]
+d = Daemon(cfg)
+d.start()
+if getattr(d, "shim", None) is None:
+    from impv4l2.shim import ShimServer
+    d.shim = ShimServer()
+    d.shim.start()
+    for srv in d.cuse:
+        d.shim.attach(srv.device, rdev=os.makedev(*srv.devnum))
+sizes = {"main": (cfg.main.width, cfg.main.height), "sub": (cfg.sub.width, cfg.sub.height)}
+print(json.dumps({role: [dev.name, *sizes.get(role, (0, 0))] for role, dev in d.nodes.items()}), flush=True)
+sys.stdin.read()
+d.stop()
+"""
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    if not os.path.exists("/dev/cuse"):
+        pytest.fail("no /dev/cuse in the VM (modprobe cuse failed?)")
+    tmp = tmp_path_factory.mktemp("shimd")
+    log = open(tmp / "daemon.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-c", SERVE, ""], cwd=ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=log, text=True)
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait(timeout=30)
+        log.seek(0)
+        pytest.fail(f"daemon did not start:\n{log.read()[-3000:]}")
+    nodes = {role: (name, w, h) for role, (name, w, h) in json.loads(line).items()}
+    for name, _, _ in nodes.values():
+        subprocess.run(["udevadm", "settle", "--timeout=30"], check=False)
+        assert os.path.exists(f"/dev/{name}"), f"/dev/{name} missing"
+    yield types.SimpleNamespace(nodes=nodes, log=log)
+    proc.stdin.close()
+    proc.wait(timeout=30)
+    log.close()
+
+
+def daemon_log(d) -> str:
+    d.log.flush()
+    d.log.seek(0)
+    return d.log.read()
+
+
+def counters(raw: bytes, w: int, h: int) -> list[int]:
+    from impv4l2.driver.sim.pattern import read_counter, y_plane
+
+    size = w * h * 3 // 2
+    assert len(raw) % size == 0, (len(raw), size)
+    return [read_counter(y_plane(memoryview(raw)[i:i + size], w, h)) for i in range(0, len(raw), size)]
+
+
+def assert_consecutive_frames(cs: list[int], n: int) -> None:
+    assert len(cs) == n
+    assert all(b > a for a, b in zip(cs, cs[1:])), cs  # real, fresh frames in order
+    assert cs[-1] - cs[0] < 2 * n, cs  # paced capture: few drops
+
+
+@pytest.mark.parametrize("role", ["main", "sub"])
+def test_ffmpeg_captures_through_the_shim(daemon, role, tmp_path):
+    name, w, h = daemon.nodes[role]
+    out = tmp_path / f"{role}.nut"
+    r = subprocess.run([*RUN, "ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-f", "v4l2",
+                        "-input_format", "nv12", "-video_size", f"{w}x{h}", "-i", f"/dev/{name}",
+                        "-frames:v", "100", "-c:v", "rawvideo", str(out)],
+                       capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:] + daemon_log(daemon)[-3000:]
+    probe = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
+                            "stream=width,height,nb_read_frames", "-of", "csv=p=0", str(out)],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert probe == f"{w},{h},100"
+    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(out), "-f", "rawvideo", "-pix_fmt", "nv12", "-"],
+                         capture_output=True, check=True).stdout
+    assert_consecutive_frames(counters(raw, w, h), 100)
+    assert f"{name}: memfd" in daemon_log(daemon)  # the handover really happened
+
+
+def test_v4l2_ctl_stream_mmap_writes_byte_correct_frames(daemon, tmp_path):
+    name, w, h = daemon.nodes["sub"]
+    out = tmp_path / "frames.nv12"
+    r = subprocess.run([*RUN, "v4l2-ctl", "-d", f"/dev/{name}", f"--set-fmt-video=width={w},height={h},"
+                        "pixelformat=NV12", "--stream-mmap", "--stream-count=100", f"--stream-to={out}"],
+                       capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    raw = out.read_bytes()  # v4l2-ctl exits 0 even when mmap fails: the file is the proof
+    assert len(raw) == 100 * w * h * 3 // 2
+    assert_consecutive_frames(counters(raw, w, h), 100)
+
+
+def test_v4l2_compliance_mmap_streaming_passes(daemon):
+    name, _, _ = daemon.nodes["sub"]
+    r = subprocess.run([*RUN, "v4l2-compliance", "-d", f"/dev/{name}", "-s"], capture_output=True, text=True,
+                       timeout=400, cwd=ROOT)
+    out = r.stdout
+    mmap_lines = [line.strip() for line in out.splitlines() if "test MMAP" in line]
+    assert mmap_lines, out[-4000:]
+    assert all(line.endswith(": OK") for line in mmap_lines), "\n".join(mmap_lines) + out[-4000:]
+    m = TOTAL_RE.search(out)
+    assert m, out[-4000:]
+    print(f"v4l2-compliance -s {name} via shim: {m.group(0)}")
+
+
+ZERO_COPY_CLIENT = textwrap.dedent(r"""
+    import ctypes, fcntl, mmap, os, sys
+    from linuxpy.video import raw
+    from impv4l2.driver.sim.pattern import read_counter, y_plane
+    path, w, h = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    fd = os.open(path, os.O_RDWR)
+    ioc = lambda cmd, s: fcntl.ioctl(fd, cmd & 0xFFFFFFFF, s)
+    f = raw.v4l2_format(type=raw.BufType.VIDEO_CAPTURE)
+    ioc(raw.IOC.G_FMT, f)
+    f.fmt.pix.width, f.fmt.pix.height, f.fmt.pix.pixelformat = w, h, raw.PixelFormat.NV12
+    ioc(raw.IOC.S_FMT, f)
+    req = raw.v4l2_requestbuffers(count=2, type=raw.BufType.VIDEO_CAPTURE, memory=raw.Memory.MMAP)
+    ioc(raw.IOC.REQBUFS, req)
+    maps = []
+    for i in range(req.count):
+        b = raw.v4l2_buffer(index=i, type=raw.BufType.VIDEO_CAPTURE, memory=raw.Memory.MMAP)
+        ioc(raw.IOC.QUERYBUF, b)
+        maps.append(mmap.mmap(fd, b.length, mmap.MAP_SHARED, mmap.PROT_READ, offset=b.m.offset))
+        ioc(raw.IOC.QBUF, b)
+    mine = [l for l in open("/proc/self/maps") if "memfd:impv4l2-" in l]
+    print("memfd-maps", len(mine))
+    ioc(raw.IOC.STREAMON, ctypes.c_int(raw.BufType.VIDEO_CAPTURE))
+    seen = []
+    for _ in range(10):
+        b = raw.v4l2_buffer(type=raw.BufType.VIDEO_CAPTURE, memory=raw.Memory.MMAP)
+        ioc(raw.IOC.DQBUF, b)
+        seen.append(read_counter(y_plane(maps[b.index][:w * h], w, h)))
+        ioc(raw.IOC.QBUF, b)
+    print("counters", *seen)
+""")
+
+
+def test_client_mapping_is_the_driver_memfd(daemon):
+    """Zero copies: the pages the client reads are the driver's memfd pages."""
+    name, w, h = daemon.nodes["sub"]
+    r = subprocess.run([*RUN, sys.executable, "-c", ZERO_COPY_CLIENT, f"/dev/{name}", str(w), str(h)],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+    assert int(lines["memfd-maps"]) == 2
+    cs = [int(c) for c in lines["counters"].split()]
+    assert all(b > a for a, b in zip(cs, cs[1:])), cs
+
+
+def test_without_the_shim_mmap_fails_as_the_kernel_says(daemon, tmp_path):
+    name, w, h = daemon.nodes["sub"]
+    r = subprocess.run(["ffmpeg", "-nostdin", "-hide_banner", "-y", "-f", "v4l2", "-input_format", "nv12",
+                        "-video_size", f"{w}x{h}", "-i", f"/dev/{name}", "-frames:v", "5", "-c:v", "rawvideo",
+                        str(tmp_path / "x.nut")], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "No such device" in r.stderr, r.stderr[-2000:]
+    from impv4l2.v4l2 import node as node_mod
+
+    if "note_mmap_client" not in Path(node_mod.__file__).read_text():
+        pytest.skip("the device model does not call shim.note_mmap_client at REQBUFS yet (hint not wired)")
+    assert "impv4l2 run" in daemon_log(daemon)
+
+
+def test_encoder_through_h264_v4l2m2m(daemon, tmp_path):
+    if "encoder" not in daemon.nodes:
+        pytest.skip("no M2M encoder node yet (impv4l2.v4l2.encoder)")
+    out = tmp_path / "enc.mkv"
+    r = subprocess.run([*RUN, "ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi",
+                        "-i", "testsrc2=size=640x360:rate=25", "-frames:v", "50", "-pix_fmt", "nv12",
+                        "-c:v", "h264_v4l2m2m", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    probe = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
+                            "stream=codec_name,nb_read_frames", "-of", "csv=p=0", str(out)],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert probe == "h264,50"
