@@ -44,7 +44,7 @@ cfg.transport.cuse, cfg.transport.mount = sys.argv[1], sys.argv[2]
 cfg.transport.dev_links = False
 w, h = map(int, sys.argv[3].split("x"))
 cfg.main = config.ChannelConfig(w, h, int(sys.argv[4]))
-cfg.backend_options = {"width": w, "height": h, "fps": int(sys.argv[4])}
+cfg.backend_tables["sim"] = {"width": w, "height": h, "fps": int(sys.argv[4])}
 d = Daemon(cfg)
 d.start()
 if cfg.transport.cuse == "on" and getattr(d, "shim", None) is None:
@@ -62,9 +62,7 @@ import ctypes, fcntl, json, mmap, os, statistics, sys, time
 import numpy as np
 from linuxpy.video import raw
 path, w, h, n, dpid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-def io(pid):
-    d = dict(l.split(": ") for l in open(f"/proc/{pid}/io").read().splitlines())
-    return int(d["rchar"]) + int(d["wchar"])
+from benchmarks._common import io_bytes as io  # cwd is the repo root
 fd = os.open(path, os.O_RDWR)
 ioc = lambda cmd, s: fcntl.ioctl(fd, cmd & 0xFFFFFFFF, s)
 CAP = raw.BufType.VIDEO_CAPTURE

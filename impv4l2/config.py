@@ -65,7 +65,9 @@ class HotplugConfig:
 class Config:
     backend: str = "sim"
     log_level: str = "info"  # debug | info | warning | error (-v forces debug)
-    backend_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Every backend's table ([sim], [t31]); the one used is chosen by ``backend``
+    # after command-line overrides (serve --backend).
+    backend_tables: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     main: ChannelConfig = dataclasses.field(default_factory=lambda: ChannelConfig(1920, 1080, 25))
     sub: ChannelConfig = dataclasses.field(default_factory=lambda: ChannelConfig(640, 360, 25))
     nodes: NodeConfig = dataclasses.field(default_factory=NodeConfig)
@@ -73,6 +75,11 @@ class Config:
     transport: TransportConfig = dataclasses.field(default_factory=TransportConfig)
     hotplug: HotplugConfig = dataclasses.field(default_factory=HotplugConfig)
     path: str | None = None
+
+    @property
+    def backend_options(self) -> dict[str, Any]:
+        """The options table of the selected backend."""
+        return self.backend_tables.get(self.backend, {})
 
 
 # Allowed values per choice field, as data.
@@ -164,8 +171,7 @@ def load(path: str | None = None) -> Config:
         elif key in ("sim", "t31"):
             if not isinstance(value, dict):
                 fail("", key, "must be a table")
-            if key == data.get("backend", cfg.backend):
-                cfg.backend_options = dict(value)
+            cfg.backend_tables[key] = dict(value)
         elif key in _SECTIONS:
             if not isinstance(value, dict):
                 fail("", key, "must be a table")

@@ -95,7 +95,10 @@ class Daemon:
             from .v4l2.encoder import EncoderNode
         except ImportError:
             EncoderNode = None  # type: ignore[assignment]
-        if EncoderNode is not None:
+        if EncoderNode is not None and not getattr(self.backend.encoder, "m2m", True):
+            log.info("no M2M encoder node: backend %s cannot encode frames from memory",
+                     self.backend.name)
+        elif EncoderNode is not None:
             roles.append("encoder")
         if not all(r in self.names for r in roles):
             self.names = allocate_names(roles, self.cfg.nodes)
@@ -169,7 +172,10 @@ class Daemon:
         """Open the backend, build the nodes and serve them (all or nothing)."""
         from .driver import load_backend
 
-        self.backend = load_backend(self.cfg.backend, **self.cfg.backend_options)
+        options = dict(self.cfg.backend_options)
+        # The sensor runs at the fastest channel's rate; channels decimate from it.
+        options.setdefault("fps", max(self.cfg.main.fps, self.cfg.sub.fps))
+        self.backend = load_backend(self.cfg.backend, **options)
         try:
             self.backend.set_lost_callback(lambda reason: self._events.put(("lost", reason)))
             self._build_nodes()

@@ -30,6 +30,20 @@ def test_defaults_without_a_file(tmp_path, monkeypatch):
     assert (cfg.backend, cfg.nodes.base, cfg.hotplug.enable, cfg.hotplug.devices) == ("sim", 10, "auto", [])
 
 
+def test_backend_options_follow_a_command_line_backend(tmp_path):
+    """serve --backend overrides the file's backend after loading: options follow it."""
+    cfg = config.load(write(tmp_path, """
+        backend = "t31"
+        [t31]
+        sensor = "gc2053"
+        [sim]
+        source = "clip.mp4"
+    """))
+    assert cfg.backend_options == {"sensor": "gc2053"}
+    cfg.backend = "sim"
+    assert cfg.backend_options == {"source": "clip.mp4"}
+
+
 def test_full_file_is_read(tmp_path):
     cfg = config.load(write(tmp_path, """
         backend = "t31"

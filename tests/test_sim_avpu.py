@@ -137,6 +137,19 @@ def test_odd_macroblock_size_cropping(avpu):
     assert (sps.width, sps.height) == (328, 186)
 
 
+@pytest.mark.parametrize("fmt", ["nv12", "yu12"])
+def test_height_not_multiple_of_four_keeps_rows(avpu, fmt):
+    """186 rows: PyAV's wrapped-buffer height would drop two lines (rows // 3 * 2)."""
+    w, h = 328, 186
+    f = np.full((h * 3 // 2, w), 128, np.uint8)
+    f[:h] = np.where(np.arange(h) % 16 < 8, 40, 200).astype(np.uint8)[:, None]  # stripes
+    ch = avpu.create_channel(params(width=w, height=h, pixel_format=fmt, rc_mode=RcMode.FIXQP,
+                                    i_qp=12, p_qp=12))
+    src = f if fmt == "nv12" else nv12_to_i420(f, w, h)
+    pic = decode_aus([au_bytes(ch.encode(memoryview(src), 0))])[0]
+    assert psnr(pic.to_ndarray(format="yuv420p")[:h], f[:h]) > 35
+
+
 # ---------------------------------------------------------------- quality / input
 
 def test_decode_psnr_nv12_and_yu12(avpu):

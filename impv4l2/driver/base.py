@@ -222,6 +222,11 @@ class EncoderChannel(abc.ABC):
 class Encoder(abc.ABC):
     """The AVPU: creates encoder channels."""
 
+    # Can encode frames handed in from memory (a V4L2 M2M encoder node is
+    # offered only then); False where the hardware encodes only what a frame
+    # channel feeds it (T31 with SDK 1.1.x).
+    m2m: bool = True
+
     @abc.abstractmethod
     def create_channel(self, params: EncoderParams) -> EncoderChannel: ...
 

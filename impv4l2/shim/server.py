@@ -13,7 +13,6 @@ import ctypes
 import errno
 import logging
 import os
-import queue
 import socket
 import stat
 import threading
@@ -49,8 +48,6 @@ class ShimServer:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
-        self._hints: queue.SimpleQueue[tuple[str, int] | None] = queue.SimpleQueue()
-        self._hint_thread: threading.Thread | None = None
         self._served_pids: set[int] = set()
         self._hinted_pids: set[int] = set()
         self.handovers = 0  # memfds sent (for tests and benchmarks)
@@ -124,8 +121,6 @@ class ShimServer:
         self._sock = s
         self._thread = threading.Thread(target=self._accept_loop, name="impv4l2-shim", daemon=True)
         self._thread.start()
-        self._hint_thread = threading.Thread(target=self._hint_loop, name="impv4l2-shim-hints", daemon=True)
-        self._hint_thread.start()
         _active = self
         log.info("shim socket %s", self.address)
 
@@ -146,11 +141,9 @@ class ShimServer:
                     os.unlink(addr)
                 except OSError:
                     pass
-        self._hints.put(None)
-        for t in (self._thread, self._hint_thread):
-            if t is not None:
-                t.join(timeout=2)
-        self._thread = self._hint_thread = None
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        self._thread = None
 
     def __enter__(self) -> "ShimServer":
         self.start()
@@ -235,35 +228,31 @@ class ShimServer:
     def note_mmap_client(self, node_name: str, pid: int) -> None:
         """A client asked for MMAP buffers on the CUSE node ``node_name``.
 
-        Never blocks (the caller is answering the kernel): the check — is the
-        preload shim loaded in ``pid``? — runs on a worker thread, which logs
-        one hint per pid when it is not (its mmap will fail with ENODEV)."""
-        if pid > 0 and self._sock is not None:
-            self._hints.put((node_name, pid))
-
-    def _hint_loop(self) -> None:
-        while True:
-            item = self._hints.get()
-            if item is None:
+        Logs one hint per pid when the preload shim is not loaded in ``pid``
+        (its mmap will fail with ENODEV).  Checked right here, while the client
+        waits for its REQBUFS answer: a client that fails at mmap exits at once,
+        and a dead pid can no longer be inspected.  It costs two procfs reads,
+        once per stream, and never waits on anyone."""
+        if pid <= 0 or self._sock is None:
+            return
+        name = node_name
+        with self._lock:
+            if pid in self._served_pids or pid in self._hinted_pids:
                 return
-            name, pid = item
-            with self._lock:
-                if pid in self._served_pids or pid in self._hinted_pids:
-                    continue
-            if shim_loaded(pid) is not False:
-                continue
-            # Only CUSE lacks mmap: a client of the FUSE file needs no hint.
-            entry = self._node(name)
-            rdev = (entry[1] if entry and entry[1] is not None else None) or self.node_rdev(name)
-            if rdev is None or open_access(pid, rdev) is None:
-                continue
-            with self._lock:
-                if len(self._hinted_pids) > 4096:
-                    self._hinted_pids.clear()
-                self._hinted_pids.add(pid)
-            log.warning("%s: pid %d (%s) streams MMAP buffers from the CUSE node /dev/%s, where the kernel "
-                        "refuses mmap (ENODEV): run it as `impv4l2 run -- <command>` (preload shim) or "
-                        "open the FUSE file instead", name, pid, _comm(pid), name)
+        if shim_loaded(pid) is not False:
+            return
+        # Only CUSE lacks mmap: a client of the FUSE file needs no hint.
+        entry = self._node(name)
+        rdev = (entry[1] if entry and entry[1] is not None else None) or self.node_rdev(name)
+        if rdev is None or open_access(pid, rdev) is None:
+            return
+        with self._lock:
+            if len(self._hinted_pids) > 4096:
+                self._hinted_pids.clear()
+            self._hinted_pids.add(pid)
+        log.warning("%s: pid %d (%s) streams MMAP buffers from the CUSE node /dev/%s, where the kernel "
+                    "refuses mmap (ENODEV): run it as `impv4l2 run -- <command>` (preload shim) or "
+                    "open the FUSE file instead", name, pid, _comm(pid), name)
 
 
 def peercred(conn: socket.socket) -> tuple[int, int, int]:

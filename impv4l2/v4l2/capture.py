@@ -127,7 +127,8 @@ class CaptureSink:
                 self.converter.release(given)
             elif produce == Produce.ENCODED:
                 n = info.bytesused  # 0 with ERROR: the picture did not fit
-                flags |= abi.BufFlag.KEYFRAME if info.keyframe else abi.BufFlag.PFRAME
+                if not info.error:  # an errored buffer holds no frame of either kind
+                    flags |= abi.BufFlag.KEYFRAME if info.keyframe else abi.BufFlag.PFRAME
             else:
                 n = info.bytesused or len(dst)
             self.frames += 1

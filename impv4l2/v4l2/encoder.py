@@ -277,6 +277,8 @@ class EncoderContext:
         self.crop = (0, 0, DEFAULT_W, DEFAULT_H)
         self.fps = fractions.Fraction(DEFAULT_FPS)
         self.sizeimage = CodedFormat.sizeimage_range(self.width, self.height)[1]
+        # colorimetry of the source, as the client says (passed on to CAPTURE)
+        self.colorimetry = (COLORSPACE, XFER_FUNC, YCBCR_ENC, QUANTIZATION)
         # controls (per context, like an m2m driver's per-ctx handler)
         self.settings = CodecSettings(node.defaults, on_change=self._control_changed)
         self.ctrl_set = ControlSet(self.settings.controls(node.menu_allow))
@@ -676,6 +678,18 @@ class EncoderNode(Node):
         return super().log_status() + [c.status() for c in self.contexts()]
 
 
+# Valid ranges of (colorspace, xfer_func, ycbcr_enc, quantization); 0 or out of
+# range: the source default (Rec.709 limited range, the ISP's output).
+_COLORIMETRY_MAX = (12, 7, 9, 2)
+
+
+def _colorimetry(pix) -> tuple[int, int, int, int]:
+    given = (pix.colorspace, pix.xfer_func, pix.ycbcr_enc, pix.quantization)
+    if not 1 <= given[0] <= _COLORIMETRY_MAX[0]:
+        return (COLORSPACE, XFER_FUNC, YCBCR_ENC, QUANTIZATION)
+    return tuple(v if 0 <= v <= m else 0 for v, m in zip(given, _COLORIMETRY_MAX))
+
+
 def _ts_ns(b: abi.v4l2_buffer) -> int:
     return b.timestamp.secs * 1_000_000_000 + b.timestamp.usecs * 1000
 
@@ -740,7 +754,8 @@ class EncoderHandle(NodeHandle):
         s.flags = 0 if is_out else abi.FmtFlag.COMPRESSED
         abi.set_str(s, "description", f.description)
 
-    def _fill_fmt(self, s: abi.v4l2_format, fourcc: int, w: int, h: int, bpl: int, size: int) -> None:
+    def _fill_fmt(self, s: abi.v4l2_format, fourcc: int, w: int, h: int, bpl: int, size: int,
+                  colorimetry: tuple[int, int, int, int] | None = None) -> None:
         t = s.type
         mp = t in MPLANE_TYPES
         abi.zero(s.fmt.pix_mp if mp else s.fmt.pix)
@@ -748,8 +763,8 @@ class EncoderHandle(NodeHandle):
         pix = s.fmt.pix_mp if mp else s.fmt.pix
         pix.width, pix.height, pix.pixelformat = w, h, fourcc
         pix.field = abi.Field.NONE
-        pix.colorspace, pix.ycbcr_enc = COLORSPACE, YCBCR_ENC
-        pix.quantization, pix.xfer_func = QUANTIZATION, XFER_FUNC
+        pix.colorspace, pix.xfer_func, pix.ycbcr_enc, pix.quantization = \
+            colorimetry or self.ctx.colorimetry
         if mp:
             pix.num_planes = 1
             pix.plane_fmt[0].bytesperline, pix.plane_fmt[0].sizeimage = bpl, size
@@ -767,8 +782,9 @@ class EncoderHandle(NodeHandle):
             w = min(max(pix.width, MIN_W), MAX_W) & ~(STEP - 1)
             h = min(max(pix.height, MIN_H), MAX_H) & ~(STEP - 1)
             bpl, size = f.layout(w, h)
-            self._fill_fmt(s, f.fourcc, w, h, bpl, size)
-            return f, w, h
+            col = _colorimetry(pix)
+            self._fill_fmt(s, f.fourcc, w, h, bpl, size, col)
+            return f, w, h, col
         f = next((x for x in CODED_FORMATS if x.fourcc == pix.pixelformat), CODED_FORMATS[0])
         want = pix.plane_fmt[0].sizeimage if mp else pix.sizeimage
         lo, default = CodedFormat.sizeimage_range(ctx.width, ctx.height)
@@ -797,7 +813,7 @@ class EncoderHandle(NodeHandle):
         if q.buffers or q.streaming:
             raise OSError(errno.EBUSY, "buffers allocated")
         if is_out:
-            ctx.raw, ctx.width, ctx.height = self._try_fmt_of(s)
+            ctx.raw, ctx.width, ctx.height, ctx.colorimetry = self._try_fmt_of(s)
             ctx.crop = (0, 0, ctx.width, ctx.height)  # a new source size resets the crop
             lo, default = CodedFormat.sizeimage_range(ctx.width, ctx.height)
             if ctx.sizeimage < lo and not ctx.cap_q.buffers:
@@ -890,6 +906,8 @@ class EncoderHandle(NodeHandle):
         self._check(fmt.type)
         mp = fmt.type in MPLANE_TYPES
         pix = fmt.fmt.pix_mp if mp else fmt.fmt.pix
+        if mp and pix.num_planes != len(q.plane_sizes):
+            raise OSError(errno.EINVAL, f"{pix.num_planes} planes, the format has {len(q.plane_sizes)}")
         want = pix.plane_fmt[0].sizeimage if mp else pix.sizeimage
         need = q.plane_sizes[0]
         if want < need:

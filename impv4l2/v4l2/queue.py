@@ -297,6 +297,11 @@ class BufferQueue:
         else:
             arr = (abi.v4l2_plane * b.length).from_buffer(planes[1])
             given = [(arr[i].m.userptr, arr[i].length, arr[i].bytesused) for i in range(len(buf.planes))]
+            if self.type in OUTPUT_TYPES:  # as vb2's __verify_length: data starts before its end
+                for i in range(len(buf.planes)):
+                    if arr[i].bytesused and arr[i].data_offset >= arr[i].bytesused:
+                        raise OSError(errno.EINVAL, f"plane {i}: data_offset {arr[i].data_offset} "
+                                                    f">= bytesused {arr[i].bytesused}")
         for p, (ptr, length, used) in zip(buf.planes, given):
             if self.mem_type == abi.Memory.USERPTR:
                 if not ptr or length < p.length:

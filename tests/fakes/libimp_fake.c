@@ -13,7 +13,8 @@
  *   IMPFAKE_FRAME_TIMEOUT=1    GetFrame always times out
  *   IMPFAKE_H264=path          serve this Annex-B file (one AU per GetStream)
  *   IMPFAKE_RING_SIZE=bytes    stream ring size (default 16384)
- * Query functions: impfake_* at the end.
+ * Query functions: impfake_* at the end; at process exit the same counts go
+ * to IMPFAKE_LOG as one "EXIT ..." line (for a daemon run as a subprocess).
  *
  * Frame and ring memory is mapped below 4 GiB (MAP_32BIT) because the SDK
  * carries virtual addresses in uint32_t fields. */
@@ -879,6 +880,14 @@ int impfake_get_tuning(const char *name)
     if (!strcmp(name, "antiflicker")) return sys.antiflicker;
     if (!strcmp(name, "running_mode")) return sys.running_mode;
     return -1;
+}
+
+/* At process exit (a daemon under test, queried from outside): one summary
+ * line "EXIT streams=N frames=N open=N errors=N" in IMPFAKE_LOG. */
+__attribute__((destructor)) static void impfake_exit_summary(void)
+{
+    logline("EXIT streams=%d frames=%d open=%d errors=%d", impfake_outstanding_streams(),
+            impfake_outstanding_frames(), impfake_open_resources(), impfake_errors());
 }
 
 /* Forget all state (a test after a deliberately broken one). */

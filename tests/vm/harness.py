@@ -310,6 +310,14 @@ class VMProxyItem(pytest.Item):
         self.own_markers.extend(original.own_markers)
         self.keywords.update(dict(original.keywords))
 
+    # skip/skipif/xfail (e.g. "needs /dev/cuse") are the guest's to evaluate, not the host's.
+    _GUEST_DECIDES = frozenset({"skip", "skipif", "xfail"})
+
+    def iter_markers_with_node(self, name=None):  # type: ignore[override]
+        for node, mark in super().iter_markers_with_node(name):
+            if mark.name not in self._GUEST_DECIDES:
+                yield node, mark
+
     def reportinfo(self):  # type: ignore[override]
         return self.original.reportinfo()
 

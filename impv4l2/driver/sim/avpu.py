@@ -146,8 +146,19 @@ def _frame_from_memory(buf, p: EncoderParams, fmt: str) -> av.VideoFrame:
     if arr.size < need:
         raise ValueError(f"frame has {arr.size} bytes, {p.width}x{p.height} "
                          f"{p.pixel_format} needs {need}")
-    return av.VideoFrame.from_numpy_buffer(
-        arr[:need].reshape(p.height * 3 // 2, p.width), format=fmt)
+    if p.height % 4 == 0:
+        return av.VideoFrame.from_numpy_buffer(
+            arr[:need].reshape(p.height * 3 // 2, p.width), format=fmt)
+    # PyAV derives the height of a wrapped 4:2:0 buffer as rows // 3 * 2, which
+    # loses two lines when height % 4 == 2: copy the planes into a frame instead.
+    frame = av.VideoFrame(p.width, p.height, fmt)
+    chroma = [(p.width, p.height // 2)] if fmt == "nv12" else [(p.width // 2, p.height // 2)] * 2
+    offset = 0
+    for plane, (width, rows) in zip(frame.planes, [(p.width, p.height), *chroma]):
+        dst = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)
+        dst[:rows, :width] = arr[offset:offset + width * rows].reshape(rows, width)
+        offset += width * rows
+    return frame
 
 
 # ---------------------------------------------------------------- H.264

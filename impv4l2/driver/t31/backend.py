@@ -302,6 +302,11 @@ class T31FrameChannel(FrameChannel):
                 raise T31Error(f"ch{self.index}: configure while streaming")
             if mode.width > self.max_width or mode.height > self.max_height:
                 raise ValueError(f"ch{self.index}: {mode.width}x{mode.height} above the channel maximum")
+            if mode.width <= 0 or mode.height <= 0 or mode.width % 2 or mode.height % 2:
+                raise ValueError(f"ch{self.index}: {mode.width}x{mode.height} is not an NV12 size")
+            if not 0 < mode.fps <= self.backend.sensor.fps:  # channels only decimate the sensor
+                raise ValueError(f"ch{self.index}: {mode.fps} fps outside 1..{self.backend.sensor.fps}"
+                                 " (the sensor rate)")
             self._mode = mode
 
     @property
@@ -517,6 +522,8 @@ class T31Encoder(Encoder):
     SDK 1.1.x has no public call to feed user frames to an encoder channel
     (only FrameSource bindings), so this backend does not offer M2M."""
 
+    m2m = False
+
     def create_channel(self, params: EncoderParams) -> EncoderChannel:
         raise T31Error("libimp 1.1.x cannot encode user frames (no M2M path); use the sim encoder")
 
@@ -539,8 +546,8 @@ class T31Backend(Backend):
                  i2c_adapter: int = 0, sensor_width: int = 1920, sensor_height: int = 1080,
                  fps: int = 25, channels: Sequence | None = None, poll_timeout_ms: int = 1000,
                  nr_vbs: int = 2, raw_depth: int = 1, sdk: str = "1.1.1", **extra):
-        if extra:
-            log.debug("t31: ignoring options %s", sorted(extra))
+        if extra:  # a typo in the [t31] table should not pass silently
+            log.warning("t31: unknown options ignored: %s", ", ".join(sorted(extra)))
         self.lib = LibImp(lib_path)
         self.poll_timeout_ms, self.nr_vbs, self.raw_depth = int(poll_timeout_ms), int(nr_vbs), int(raw_depth)
         self._frame_cls = S.IMPFrameInfo_116 if sdk == "1.1.6" else S.IMPFrameInfo
@@ -551,8 +558,10 @@ class T31Backend(Backend):
         try:
             self.isp = T31Isp(self.lib, self.sensor)
             modes = [self._mode(m) for m in (channels or [(sensor_width, sensor_height, fps), (640, 360, fps)])]
+            # ch0 scales down from the sensor; ch1 too, and never above 1920x1080
+            sub_max = (min(sensor_width, 1920), min(sensor_height, 1080))
             self.channels = [T31FrameChannel(self, i, "main" if i == 0 else "sub",
-                                             (sensor_width, sensor_height) if i == 0 else (1920, 1080), m)
+                                             (sensor_width, sensor_height) if i == 0 else sub_max, m)
                              for i, m in enumerate(modes)]
             self.encoder = T31Encoder()
         except Exception:
