@@ -13,6 +13,9 @@ timestamp, CLOCK_MONOTONIC at DQBUF return; it touches one byte per page of
 the Y plane (what a consumer reading the frame at least costs).  Columns:
 
 * frames — frames DQBUF'd in the window; dropped — sequence gaps in it;
+  (no buf/overrun) — of those, the daemon's own counts: frames with no
+  buffer queued (CaptureSink.dropped: the client was late) and sensor
+  frames skipped because the sensor thread overran (SensorClock.skipped);
 * lat p50/p99 — DQBUF return minus buffer timestamp (the sensor's
   CLOCK_MONOTONIC start of frame; includes the sim's render time);
 * ready p50/p99 — in the daemon, buffer DONE minus buffer timestamp (sensor
@@ -27,15 +30,14 @@ the Y plane (what a consumer reading the frame at least costs).  Columns:
   - vm: bytes the daemon wrote into the client with process_vm_writev (the
     USERPTR path; /proc/io misses it) — counted by wrapping the libc call in
     the daemon process (the launcher below), return values summed,
-  - stage: bytes the daemon copied into a temporary bytearray before
-    process_vm_writev (sysapi.vm_write copies any non-bytearray source) —
-    counted by the same wrapper,
+  - stage: those of the vm bytes whose local source lies outside the node's
+    buffer memfd mapping — a copy of the frame made first (today
+    sysapi.vm_write's bytearray(data)) — checked by the same wrapper,
   each divided by frames x frame size.
 
 The daemon is started as `impv4l2 serve --config X --mmap-mode M` through a
 small launcher that installs those counters and answers "snap" on stdin with
-a JSON line of them.  IMPV4L2_BENCH_PYSPY=1 records a py-spy profile of each
-daemon (py-spy must be installed) into benchmarks/profile-<mode>.txt.
+a JSON line of them.
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -79,31 +80,38 @@ dev_links = false
 
 # The daemon: `impv4l2 serve` with copy counters (see the module docstring).
 LAUNCHER = r"""
-import ctypes, json, sys, threading, time
-from impv4l2 import cli
+import ctypes, json, sys, threading, time, weakref
+from impv4l2 import cli, memfd
+from impv4l2.driver.sim import sensor
 from impv4l2.fuse import mount, sysapi
-from impv4l2.v4l2 import queue
+from impv4l2.v4l2 import capture, queue
 counts = {"vm_bytes": 0, "vm_calls": 0, "stage_bytes": 0, "mode": None, "ready_ms": []}
+found = {"mem": weakref.WeakSet(), "sink": weakref.WeakSet(), "clock": weakref.WeakSet()}
+def _recorded(cls, kind):
+    init = cls.__init__
+    def __init__(self, *a, **k):
+        init(self, *a, **k)
+        found[kind].add(self)
+    cls.__init__ = __init__
+_recorded(memfd.MemfdMemory, "mem"); _recorded(capture.CaptureSink, "sink"); _recorded(sensor.SensorClock, "clock")
+def _in_buffer_memory(addr):
+    return any(getattr(m, "_addr", None) and m._addr <= addr < m._addr + m._reserve for m in list(found["mem"]))
+_pvw = sysapi._libc.process_vm_writev
+def _counted_pvw(pid, local, nl, remote, nr, flags):
+    n = _pvw(pid, local, nl, remote, nr, flags)
+    if n > 0:
+        counts["vm_bytes"] += n
+        counts["vm_calls"] += 1
+        if not _in_buffer_memory(getattr(local, "_obj", local).base):
+            counts["stage_bytes"] += n              # the source is a copy, not the buffer memory
+    return n
+sysapi._libc.process_vm_writev = _counted_pvw      # vm_write looks it up per call
 _done = queue.BufferQueue.done
 def _timed_done(self, buf, bytesused, sequence, timestamp_ns, *a, **k):
     if timestamp_ns:                                  # frame due -> buffer DONE (sensor wake + render)
         counts["ready_ms"].append((time.monotonic_ns() - timestamp_ns) / 1e6)
     return _done(self, buf, bytesused, sequence, timestamp_ns, *a, **k)
 queue.BufferQueue.done = _timed_done
-_pvw = sysapi._libc.process_vm_writev
-def _counted_pvw(*args):
-    n = _pvw(*args)
-    if n > 0:
-        counts["vm_bytes"] += n
-        counts["vm_calls"] += 1
-    return n
-sysapi._libc.process_vm_writev = _counted_pvw      # vm_write looks it up per call
-_vm_write = sysapi.vm_write
-def _counted_vm_write(pid, addr, data):
-    if not isinstance(data, bytearray):               # vm_write's bytearray(data) staging copy
-        counts["stage_bytes"] += len(memoryview(data).cast("B"))
-    return _vm_write(pid, addr, data)
-sysapi.vm_write = _counted_vm_write                 # callers use sysapi.vm_write(...)
 _start = mount.FuseMount.start
 def _start_recorded(self, *a, **k):
     _start(self, *a, **k)
@@ -111,6 +119,8 @@ def _start_recorded(self, *a, **k):
 mount.FuseMount.start = _start_recorded
 def _answer():
     for _ in sys.stdin:
+        counts["no_buffer"] = sum(k.dropped for k in list(found["sink"]))
+        counts["overrun"] = sum(c.skipped for c in list(found["clock"]))
         print(json.dumps(counts), flush=True)
         counts["ready_ms"] = []
 threading.Thread(target=_answer, daemon=True).start()
@@ -199,7 +209,6 @@ def run_mode(label: str, mmap_mode: str, memory: str, seconds: float, tmp: str) 
     log = open(os.path.join(tmp, f"daemon-{label}.log"), "w+")
     d = subprocess.Popen([sys.executable, "-c", LAUNCHER, "--config", cfg, "serve", "--mmap-mode", mmap_mode],
                          cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
-    spy = None
     try:
         path = os.path.join(mnt, NODE)
         deadline = time.monotonic() + 30
@@ -223,11 +232,6 @@ def run_mode(label: str, mmap_mode: str, memory: str, seconds: float, tmp: str) 
                 if _line(c, 30) != "start":
                     raise RuntimeError("client protocol")
                 s0 = snap()
-                if os.environ.get("IMPV4L2_BENCH_PYSPY") and shutil.which("py-spy"):
-                    spy = subprocess.Popen(["py-spy", "record", "--pid", str(d.pid), "--duration",
-                                            str(int(seconds)), "--format", "raw", "--threads", "--nonblocking",
-                                            "-o", str(ROOT / "benchmarks" / f"profile-{label}.txt")],
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 if _line(c, seconds + 30) != "end":
                     raise RuntimeError("client protocol")
                 s1 = snap()
@@ -235,15 +239,14 @@ def run_mode(label: str, mmap_mode: str, memory: str, seconds: float, tmp: str) 
         finally:
             if c.wait(30):
                 raise RuntimeError(f"client failed (rc {c.returncode})")
-        if spy is not None:
-            spy.wait(60)
         ready = s1["ready_ms"]   # frames made DONE between the two snapshots
         res.update(ready50=percentile(ready, 50), ready99=percentile(ready, 99))
         wall = s1["t"] - s0["t"]
         n = max(res["frames"], 1) * FRAME
         res.update(label=label, mode=s0["mode"], cpu=(s1["cpu"] - s0["cpu"]) / wall * 100, rss=rss.max / 2**20,
                    c_io=(s1["io"] - s0["io"] + res["io"]) / n, c_vm=(s1["vm_bytes"] - s0["vm_bytes"]) / n,
-                   c_stage=(s1["stage_bytes"] - s0["stage_bytes"]) / n, fps=res["frames"] / wall)
+                   c_stage=(s1["stage_bytes"] - s0["stage_bytes"]) / n,
+                   no_buffer=s1["no_buffer"] - s0["no_buffer"], overrun=s1["overrun"] - s0["overrun"], fps=res["frames"] / wall)
         if res["gap_at"]:
             print(f"{label}: first gaps [index, missing, sequence]: {res['gap_at']}", file=sys.stderr)
         return res
@@ -283,12 +286,12 @@ def main() -> int:
                 print(f"{label}: {e}", file=sys.stderr)
     print(f"\nFUSE capture, {W}x{H} NV12 @ {FPS} fps (sim), {a.seconds:g} s per mode, "
           f"{os.cpu_count()} CPUs, load avg {os.getloadavg()[1]:.2f} (5 min), kernel {os.uname().release}")
-    print(f"{'memory':27} {'frames':>7} {'fps':>6} {'dropped':>8} {'lat p50':>8} {'p99 ms':>7} {'max ms':>7} "
+    print(f"{'memory':27} {'frames':>7} {'fps':>6} {'dropped (no buf/overrun)':>24} {'lat p50':>8} {'p99 ms':>7} {'max ms':>7} "
           f"{'ready p50/p99':>14} {'CPU %':>6} {'RSS MiB':>8} {'copies/frame':>13}  (io + vm + stage)")
     for r in rows:
         name = f"MMAP {r['mode']}" if r["label"] != "userptr" else f"USERPTR (mount {r['mode']})"
         total = r["c_io"] + r["c_vm"] + r["c_stage"]
-        print(f"{name:27} {r['frames']:7d} {r['fps']:6.2f} {r['dropped']:8d} {r['p50']:8.2f} {r['p99']:7.2f} "
+        print(f"{name:27} {r['frames']:7d} {r['fps']:6.2f} {r['dropped']:8d} ({r['no_buffer']:4d}/{r['overrun']:4d})     {r['p50']:8.2f} {r['p99']:7.2f} "
               f"{r['max']:7.2f} {r['ready50']:6.2f}/{r['ready99']:<7.2f} {r['cpu']:6.1f} {r['rss']:8.1f} {total:13.2f}  "
               f"({r['c_io']:.2f} + {r['c_vm']:.2f} + {r['c_stage']:.2f})")
     print("goals: no drops; p99 < 5 ms on FUSE mmap; daemon CPU < 25 % of one core; <= 1 copy/frame")

@@ -6,6 +6,7 @@ and the hint for clients without the shim."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import mmap
@@ -59,13 +60,16 @@ def test_abi_constants_match_the_c_source(tmp_path):
     exe = compile_c(tmp_path, "abi", f"""
         #include "{shim.SOURCE}"
         int main(void) {{
-            printf("%lu %zu %zu %zu %zu %zu %zu %zu %zu %zu %zu\\n",
+            printf("%lu %zu %zu %zu %zu %zu %zu %zu %zu %zu %zu %lu %zu %zu %zu %zu %zu\\n",
                    (unsigned long)VIDIOC_IMPV4L2_SHIM_INFO, sizeof(struct impv4l2_shim_info),
                    offsetof(struct impv4l2_shim_info, memory_size), offsetof(struct impv4l2_shim_info, memory_id),
                    offsetof(struct impv4l2_shim_info, daemon_pid), offsetof(struct impv4l2_shim_info, node),
                    offsetof(struct impv4l2_shim_info, socket), sizeof(struct shim_request),
                    offsetof(struct shim_request, node), sizeof(struct shim_reply),
-                   offsetof(struct shim_reply, memory_id));
+                   offsetof(struct shim_reply, memory_id), (unsigned long)VIDIOC_IMPV4L2_SHIM_MMAP,
+                   sizeof(struct impv4l2_shim_mmap), offsetof(struct impv4l2_shim_mmap, length),
+                   offsetof(struct impv4l2_shim_mmap, prot), offsetof(struct impv4l2_shim_mmap, error),
+                   offsetof(struct impv4l2_shim_mmap, info));
             return 0;
         }}""", "-ldl", "-lpthread")
     got = [int(v) for v in subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split()]
@@ -73,7 +77,10 @@ def test_abi_constants_match_the_c_source(tmp_path):
     assert got == [protocol.VIDIOC_IMPV4L2_SHIM_INFO, protocol.INFO.size,
                    info.index((0x1122).to_bytes(8, "little")), info.index((0x3344).to_bytes(8, "little")),
                    info.index((77).to_bytes(4, "little")), info.index(b"video10"), info.index(b"@sock"),
-                   protocol.REQUEST.size, 16, protocol.REPLY.size, 16]
+                   protocol.REQUEST.size, 16, protocol.REPLY.size, 16,
+                   protocol.VIDIOC_IMPV4L2_SHIM_MMAP, protocol.MMAP_SIZE, 8, 16, 20, protocol.MMAP_REQ.size]
+    assert ctypes.sizeof(server.ShimMmapArg) == protocol.MMAP_SIZE
+    assert server.ShimMmapArg.info.offset == protocol.MMAP_REQ.size
 
 
 # ---------------------------------------------------------------- pass-through
@@ -278,7 +285,7 @@ def test_info_ioctl_describes_node_memory_and_socket(fake_node):
     arg = bytearray(protocol.INFO.size)
     assert server.shim_info_ioctl("fake0", arg) == 0
     info = protocol.unpack_info(arg)
-    assert info == {"magic": protocol.MAGIC, "version": 1, "flags": 0, "memory_size": 3 * mmap.PAGESIZE,
+    assert info == {"magic": protocol.MAGIC, "version": protocol.VERSION, "flags": 0, "memory_size": 3 * mmap.PAGESIZE,
                     "memory_id": os.fstat(node.memory.fd).st_ino, "daemon_pid": os.getpid(),
                     "node": "fake0", "socket": srv.address}
     with pytest.raises(OSError) as e:
@@ -293,9 +300,11 @@ def test_info_ioctl_without_server_is_enotty():
     assert e.value.errno == errno.ENOTTY
 
 
-def test_ioctl_number_is_a_private_v4l2_read_ioctl():
+def test_ioctl_numbers_are_private_v4l2_ioctls():
     cmd = protocol.VIDIOC_IMPV4L2_SHIM_INFO
     assert (cmd >> 30, (cmd >> 16) & 0x3FFF, chr((cmd >> 8) & 0xFF), cmd & 0xFF) == (2, 192, "V", 232)
+    cmd = protocol.VIDIOC_IMPV4L2_SHIM_MMAP  # _IOWR: offset/length/prot in, verdict and info out
+    assert (cmd >> 30, (cmd >> 16) & 0x3FFF, chr((cmd >> 8) & 0xFF), cmd & 0xFF) == (3, 216, "V", 233)
 
 
 # ---------------------------------------------------------------- hint and run
@@ -361,7 +370,7 @@ def fuse_capture_node(tmp_path):
 IOCTL_CLIENT = r"""
 import fcntl, os, sys
 fd = os.open(sys.argv[1], os.O_RDWR)
-arg = bytearray(192)
+arg = bytearray.fromhex(sys.argv[3]) if len(sys.argv) > 3 else bytearray(192)
 try:
     fcntl.ioctl(fd, int(sys.argv[2]), arg)
     print("ok", arg.hex())
@@ -370,9 +379,10 @@ except OSError as e:
 """
 
 
-def node_ioctl(path: str) -> tuple[str, bytes]:
-    """SHIM_INFO on ``path`` from another process (the FUSE server runs in this one)."""
-    r = subprocess.run([sys.executable, "-c", IOCTL_CLIENT, path, str(protocol.VIDIOC_IMPV4L2_SHIM_INFO)],
+def node_ioctl(path: str, cmd: int = protocol.VIDIOC_IMPV4L2_SHIM_INFO, arg: bytes = b"") -> tuple[str, bytes]:
+    """SHIM_INFO (or ``cmd`` with ``arg``) on ``path`` from another process (the FUSE
+    server runs in this one)."""
+    r = subprocess.run([sys.executable, "-c", IOCTL_CLIENT, path, str(cmd), *([arg.hex()] if arg else [])],
                        capture_output=True, text=True, timeout=20, check=True)
     kind, value = r.stdout.split()
     return kind, bytes.fromhex(value) if kind == "ok" else value.encode()
@@ -391,6 +401,13 @@ def test_private_ioctl_answered_by_a_served_node_only_with_a_server(fuse_capture
         assert info["socket"] == srv.address and info["daemon_pid"] == os.getpid()
         assert info["memory_id"] == os.fstat(node.memory.fd).st_ino
         assert info["memory_size"] == node.memory.size
+        # SHIM_MMAP (_IOWR) through the real FUSE transport: in and out, the verdict in the
+        # struct (no buffers yet: EINVAL, as vb2_mmap) and the SHIM_INFO answer after it.
+        kind, arg = node_ioctl(path, protocol.VIDIOC_IMPV4L2_SHIM_MMAP,
+                               protocol.MMAP_REQ.pack(0, 4096, mmap.PROT_READ, -1) + bytes(protocol.INFO.size))
+        assert kind == "ok"
+        assert protocol.MMAP_REQ.unpack(arg[:protocol.MMAP_REQ.size]) == (0, 4096, mmap.PROT_READ, errno.EINVAL)
+        assert protocol.unpack_info(arg[protocol.MMAP_REQ.size:])["node"] == "video77"
 
 
 def test_run_command_preloads_the_shim_and_keeps_ld_preload(tmp_path):
@@ -416,3 +433,111 @@ def test_preload_env_puts_the_shim_first_once():
     env = shim.preload_env({"LD_PRELOAD": "/a.so /lib.so", "X": "1"}, library="/lib.so")
     assert env == {"LD_PRELOAD": "/lib.so:/a.so", "X": "1"}
     assert shim.preload_env({}, library="/lib.so") == {"LD_PRELOAD": "/lib.so"}
+
+
+# ---------------------------------------------------------------- mmap verdicts (as vb2_mmap)
+
+RW = mmap.PROT_READ | mmap.PROT_WRITE
+
+
+@pytest.fixture(scope="module")
+def sim_backend():
+    from impv4l2.driver import load_backend
+
+    b = load_backend("sim", width=640, height=360, fps=30, sub_size=(320, 180))
+    yield b
+    b.close()
+
+
+def test_capture_node_mmap_verdicts_follow_vb2(sim_backend):
+    """Only QUERYBUF offsets of MMAP buffers allocated now, with a length that fits
+    and read access; any file of the node (vb2_fop_mmap shares the node's queue)."""
+    from impv4l2.v4l2 import abi
+    from impv4l2.v4l2.capture import CaptureNode
+    from v4l2_helpers import buf, ioctl, open_node, reqbufs
+
+    node = CaptureNode("video78", sim_backend, sim_backend.channels[1])
+    try:
+        a, b = open_node(node), open_node(node, pid=2)
+        assert a.mmap_check(0, 4096) == errno.EINVAL  # nothing allocated
+        reqbufs(a, 3)
+        bufs = []
+        for i in range(3):
+            q = buf(i)
+            ioctl(a, "QUERYBUF", q)
+            bufs.append((q.m.offset, q.length))
+        for off, length in bufs:
+            assert a.mmap_check(off, length, mmap.PROT_READ) == 0
+            assert b.mmap_check(off, length, RW) == 0  # another file of the node
+            assert a.mmap_check(off, 1, mmap.PROT_READ) == 0  # shorter: fine
+            assert a.mmap_check(off, length + mmap.PAGESIZE) == errno.EINVAL  # past the buffer
+            assert a.mmap_check(off + mmap.PAGESIZE, mmap.PAGESIZE) == errno.EINVAL  # inside, not a start
+            assert a.mmap_check(off, length, mmap.PROT_WRITE) == errno.EINVAL  # capture: VM_READ needed
+        assert a.mmap_check(bufs[-1][0] + 0xDEADB000, 4096) == errno.EINVAL
+        reqbufs(a, 0)  # freed: the memfd keeps the pages, the offsets are gone
+        assert all(a.mmap_check(off, length) == errno.EINVAL for off, length in bufs)
+        reqbufs(a, 2, abi.Memory.USERPTR)  # USERPTR buffers live in the memfd too: never mappable
+        assert all(a.mmap_check(bq.planes[0].offset, bq.planes[0].length) == errno.EINVAL
+                   for bq in node.queue.buffers)
+        assert a.mmap_check(0, 4096) == errno.EINVAL
+    finally:
+        node.close()
+
+
+def test_encoder_mmap_verdicts_are_per_session(sim_backend):
+    """M2M: a file maps only its own context's OUTPUT (writable) and CAPTURE buffers."""
+    from impv4l2.v4l2 import abi
+    from impv4l2.v4l2.encoder import EncoderNode
+    from encoder_client import M2MClient
+
+    node = EncoderNode("video79", sim_backend)
+    node.set_waker(lambda: None)
+    try:
+        c1 = M2MClient(node, 320, 240, n_out=2, n_cap=2)
+        c2 = M2MClient(node, 320, 240, n_out=2, n_cap=2, pid=1001)
+        for off, length in c1.out_bufs:
+            assert c1.h.mmap_check(off, length, RW) == 0
+            assert c1.h.mmap_check(off, length, mmap.PROT_READ) == errno.EINVAL  # output: VM_WRITE needed
+            assert c2.h.mmap_check(off, length, RW) == errno.EINVAL  # another session's buffer
+        for off, length in c1.cap_bufs:
+            assert c1.h.mmap_check(off, length, mmap.PROT_READ) == 0
+            assert c1.h.mmap_check(off, length + mmap.PAGESIZE, mmap.PROT_READ) == errno.EINVAL
+            assert c2.h.mmap_check(off, length, mmap.PROT_READ) == errno.EINVAL
+        c3 = M2MClient(node, 320, 240, n_out=2, n_cap=2, pid=1002, memory=abi.Memory.USERPTR)
+        for q in (c3.h.ctx.out_q, c3.h.ctx.cap_q):
+            assert all(c3.h.mmap_check(b.planes[0].offset, b.planes[0].length, RW) == errno.EINVAL
+                       for b in q.buffers)
+        old = c1.out_bufs
+        c1.reqbufs(c1.out_t, 0)
+        assert all(c1.h.mmap_check(off, length, RW) == errno.EINVAL for off, length in old)
+    finally:
+        node.close()
+
+
+def test_mmap_ioctl_through_the_table(fake_node, sim_backend):
+    """VIDIOC_IMPV4L2_SHIM_MMAP as the transport hands it to a handle: verdict and info."""
+    from impv4l2.v4l2.capture import CaptureNode
+    from v4l2_helpers import MEM, buf, ioctl, open_node, reqbufs
+
+    srv, _ = fake_node
+    node = CaptureNode("video80", sim_backend, sim_backend.channels[1])
+    try:
+        srv.attach(node, rdev=os.stat("/dev/null").st_rdev)
+        h = open_node(node)
+        reqbufs(h, 2)
+        q = buf(1)
+        ioctl(h, "QUERYBUF", q)
+        for off, length, prot, want in ((q.m.offset, q.length, mmap.PROT_READ, 0),
+                                        (q.m.offset, q.length + 8192, mmap.PROT_READ, errno.EINVAL),
+                                        (q.m.offset + 4096, 4096, mmap.PROT_READ, errno.EINVAL)):
+            arg = bytearray(protocol.MMAP_REQ.pack(off, length, prot, -1) + bytes(protocol.INFO.size))
+            assert h.ioctl(protocol.VIDIOC_IMPV4L2_SHIM_MMAP, arg, MEM) == 0
+            assert protocol.MMAP_REQ.unpack(arg[:protocol.MMAP_REQ.size])[3] == want
+            info = protocol.unpack_info(arg[protocol.MMAP_REQ.size:])
+            assert (info["node"], info["socket"], info["memory_size"]) == ("video80", srv.address, node.memory.size)
+        srv.stop()  # no server: ENOTTY, the shim then passes mmap through (the kernel's ENODEV)
+        with pytest.raises(OSError) as e:
+            h.ioctl(protocol.VIDIOC_IMPV4L2_SHIM_MMAP, bytearray(protocol.MMAP_SIZE), MEM)
+        assert e.value.errno == errno.ENOTTY
+    finally:
+        node.close()

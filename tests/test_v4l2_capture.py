@@ -343,7 +343,8 @@ def test_reqbufs_ownership_and_errors(nodes):
     r.type, r.memory = abi.BufType.VIDEO_OUTPUT, abi.Memory.MMAP
     assert err(a, "REQBUFS", r) == errno.EINVAL
     r = reqbufs(a, 0)
-    assert r.capabilities == abi.BUF_CAP_SUPPORTS_MMAP | abi.BUF_CAP_SUPPORTS_USERPTR
+    assert r.capabilities == (abi.BUF_CAP_SUPPORTS_MMAP | abi.BUF_CAP_SUPPORTS_USERPTR
+                              | abi.BUF_CAP_SUPPORTS_ORPHANED_BUFS)
     r = reqbufs(a, 3)
     assert r.count == 3
     assert err(b, "REQBUFS", abi.v4l2_requestbuffers(1, CAP, abi.Memory.MMAP)) == errno.EBUSY

@@ -23,7 +23,16 @@ pytestmark = pytest.mark.vm
 ROOT = Path(__file__).resolve().parents[1]
 IMPV4L2 = [sys.executable, "-m", "impv4l2.cli"]
 RUN = [*IMPV4L2, "run", "--"]
-TOTAL_RE = re.compile(r"^Total for \S+ device \S+: (\d+), Succeeded: (\d+), Failed: (\d+)", re.M)
+TOTAL_RE = re.compile(r"^Total for \S+ device \S+: (\d+), Succeeded: (\d+), Failed: (\d+), Warnings: (\d+)$",
+                      re.M)
+# v4l2-compliance 1.22 requires a media-controller entity function of every encoder
+# ("node->function != MEDIA_ENT_F_PROC_VIDEO_ENCODER" in testEncoder); later v4l-utils
+# check it only on nodes with a media device, which a CUSE node never has.  The one
+# named exception (as tests/test_vm_encoder.py).
+KNOWN_TOOL_FAILS = {"encoder": ("node->function != MEDIA_ENT_F_PROC_VIDEO_ENCODER",)}
+# A VM without KVM can be slow enough for the sim sensor to drop frames while
+# v4l2-compliance streams: it then warns about sequence number gaps.
+TOLERATED_WARNINGS = ("sequence number",)
 
 # The daemon as `impv4l2 serve` builds it; until daemon.py starts the shim
 # server itself (Daemon.shim), this script adds exactly the lines proposed for it.
@@ -99,14 +108,15 @@ def test_ffmpeg_captures_through_the_shim(daemon, role, tmp_path):
     out = tmp_path / f"{role}.nut"
     r = subprocess.run([*RUN, "ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-f", "v4l2",
                         "-input_format", "nv12", "-video_size", f"{w}x{h}", "-i", f"/dev/{name}",
-                        "-frames:v", "100", "-c:v", "rawvideo", str(out)],
-                       capture_output=True, text=True, timeout=240, cwd=ROOT)
+                        "-frames:v", "100", "-fps_mode", "passthrough", "-c:v", "rawvideo", str(out)],
+                       capture_output=True, text=True, timeout=240, cwd=ROOT)  # passthrough: no duplicated frames
     assert r.returncode == 0, r.stderr[-3000:] + daemon_log(daemon)[-3000:]
     probe = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
                             "stream=width,height,nb_read_frames", "-of", "csv=p=0", str(out)],
                            capture_output=True, text=True, check=True).stdout.strip()
     assert probe == f"{w},{h},100"
-    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(out), "-f", "rawvideo", "-pix_fmt", "nv12", "-"],
+    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(out), "-fps_mode", "passthrough", "-f", "rawvideo",
+                          "-pix_fmt", "nv12", "-"],
                          capture_output=True, check=True).stdout
     assert_consecutive_frames(counters(raw, w, h), 100)
     assert f"{name}: memfd" in daemon_log(daemon)  # the handover really happened
@@ -124,17 +134,36 @@ def test_v4l2_ctl_stream_mmap_writes_byte_correct_frames(daemon, tmp_path):
     assert_consecutive_frames(counters(raw, w, h), 100)
 
 
-def test_v4l2_compliance_mmap_streaming_passes(daemon):
-    name, _, _ = daemon.nodes["sub"]
+@pytest.mark.parametrize("role", ["main", "sub", "encoder"])
+def test_v4l2_compliance_streaming_through_the_shim(daemon, role, record_property):
+    """v4l2-compliance -s (MMAP and USERPTR streaming, mmap's refusals) through the shim:
+    0 failures and 0 warnings, save the named tool bug and slow-VM sequence gaps."""
+    if role not in daemon.nodes:
+        pytest.fail(f"the daemon serves no {role} node")
+    name, _, _ = daemon.nodes[role]
     r = subprocess.run([*RUN, "v4l2-compliance", "-d", f"/dev/{name}", "-s"], capture_output=True, text=True,
-                       timeout=400, cwd=ROOT)
+                       timeout=600, cwd=ROOT)
     out = r.stdout
-    mmap_lines = [line.strip() for line in out.splitlines() if "test MMAP" in line]
-    assert mmap_lines, out[-4000:]
-    assert all(line.endswith(": OK") for line in mmap_lines), "\n".join(mmap_lines) + out[-4000:]
     m = TOTAL_RE.search(out)
-    assert m, out[-4000:]
-    print(f"v4l2-compliance -s {name} via shim: {m.group(0)}")
+    assert m, out[-4000:] + r.stderr[-2000:]
+    total, ok, failed, warnings = map(int, m.groups())
+    record_property(f"compliance_{role}", m.group(0))
+    if os.environ.get("IMPV4L2_VM_OUT"):  # the full report, kept next to results.json for the host
+        Path(os.environ["IMPV4L2_VM_OUT"], f"shim-compliance-{role}.txt").write_text(out)
+    print(f"v4l2-compliance -s {role} /dev/{name} via the shim: {m.group(0)}")
+    lines = [line.strip() for line in out.splitlines()]
+    fails = [line for line in lines if line.startswith("fail:")]
+    warns = [line for line in lines if line.startswith("warn:")]
+    known = KNOWN_TOOL_FAILS.get(role, ())
+    unexpected = [f for f in fails if not any(k in f for k in known)]
+    assert not unexpected, "\n".join(unexpected) + "\n" + out[-4000:]
+    assert failed <= len(known), m.group(0)  # Failed: at most the named bug
+    # the mmap streaming tests ran and passed (the shim's mappings), USERPTR too
+    streaming = [line for line in lines if line.startswith("test MMAP") or line.startswith("test USERPTR")]
+    assert any(line.startswith("test MMAP") for line in streaming), out[-4000:]
+    assert all(line.endswith(": OK") for line in streaming), "\n".join(streaming)
+    assert not [w for w in warns if not any(t in w for t in TOLERATED_WARNINGS)], "\n".join(warns)
+    assert warnings <= len(warns), m.group(0)  # every counted warning is one of those lines
 
 
 ZERO_COPY_CLIENT = textwrap.dedent(r"""
@@ -181,6 +210,57 @@ def test_client_mapping_is_the_driver_memfd(daemon):
     assert all(b > a for a, b in zip(cs, cs[1:])), cs
 
 
+REFUSALS_CLIENT = textwrap.dedent(r"""
+    import errno, fcntl, mmap, os, sys
+    from linuxpy.video import raw
+    fd = os.open(sys.argv[1], os.O_RDWR)
+    ioc = lambda cmd, s: fcntl.ioctl(fd, cmd & 0xFFFFFFFF, s)
+    CAP = raw.BufType.VIDEO_CAPTURE
+
+    def try_map(length, offset, prot=mmap.PROT_READ):
+        try:
+            mmap.mmap(fd, length, mmap.MAP_SHARED, prot, offset=offset).close()
+            return "ok"
+        except OSError as e:
+            return errno.errorcode.get(e.errno, str(e.errno))
+
+    def reqbufs(n, memory):
+        req = raw.v4l2_requestbuffers(count=n, type=CAP, memory=memory)
+        ioc(raw.IOC.REQBUFS, req)
+        bufs = []
+        for i in range(req.count):
+            b = raw.v4l2_buffer(index=i, type=CAP, memory=memory)
+            ioc(raw.IOC.QUERYBUF, b)
+            bufs.append((b.m.offset, b.length))
+        return bufs
+
+    bufs = reqbufs(2, raw.Memory.MMAP)
+    off, length = bufs[1]
+    print("querybuf", try_map(length, off))
+    print("too-long", try_map(length + mmap.PAGESIZE, off))
+    print("inside", try_map(mmap.PAGESIZE, off + mmap.PAGESIZE))
+    print("write-only", try_map(length, off, mmap.PROT_WRITE))
+    kept = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ, offset=off)
+    reqbufs(0, raw.Memory.MMAP)
+    print("freed", try_map(length, off))
+    print("orphan-readable", len(kept[:16]))  # an existing mapping outlives REQBUFS(0), as vb2's
+    reqbufs(2, raw.Memory.USERPTR)
+    print("userptr", try_map(length, 0), try_map(length, off))
+""")
+
+
+def test_shim_mmap_refuses_what_vb2_refuses(daemon):
+    """Through the shim on the CUSE node: QUERYBUF offsets of MMAP buffers map; longer
+    lengths, other offsets, freed buffers and USERPTR queues get EINVAL (vb2_mmap)."""
+    name, _, _ = daemon.nodes["sub"]
+    r = subprocess.run([*RUN, sys.executable, "-c", REFUSALS_CLIENT, f"/dev/{name}"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+    assert got == {"querybuf": "ok", "too-long": "EINVAL", "inside": "EINVAL", "write-only": "EINVAL",
+                   "freed": "EINVAL", "orphan-readable": "16", "userptr": "EINVAL EINVAL"}, r.stdout
+
+
 def test_without_the_shim_mmap_fails_as_the_kernel_says(daemon, tmp_path):
     name, w, h = daemon.nodes["sub"]
     r = subprocess.run(["ffmpeg", "-nostdin", "-hide_banner", "-y", "-f", "v4l2", "-input_format", "nv12",
@@ -195,14 +275,20 @@ def test_without_the_shim_mmap_fails_as_the_kernel_says(daemon, tmp_path):
 
 
 def test_encoder_through_h264_v4l2m2m(daemon, tmp_path):
+    """The issue's acceptance: `impv4l2 run -- ffmpeg -i clip -c:v h264_v4l2m2m out.mp4`
+    encodes through the CUSE encoder node (ffmpeg finds it by scanning /dev/video*)."""
     if "encoder" not in daemon.nodes:
-        pytest.skip("no M2M encoder node yet (impv4l2.v4l2.encoder)")
-    out = tmp_path / "enc.mkv"
-    r = subprocess.run([*RUN, "ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi",
-                        "-i", "testsrc2=size=640x360:rate=25", "-frames:v", "50", "-pix_fmt", "nv12",
-                        "-c:v", "h264_v4l2m2m", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
+        pytest.fail("the daemon serves no encoder node")
+    clip, out = tmp_path / "clip.mp4", tmp_path / "out.mp4"
+    subprocess.run(["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
+                    "testsrc2=size=640x360:rate=25", "-frames:v", "50", "-c:v", "mpeg4", "-q:v", "3", str(clip)],
+                   check=True, timeout=120)
+    r = subprocess.run([*RUN, "ffmpeg", "-nostdin", "-hide_banner", "-y", "-i", str(clip), "-c:v", "h264_v4l2m2m",
+                        str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:] + daemon_log(daemon)[-3000:]
+    enc_name = daemon.nodes["encoder"][0]
+    assert f"/dev/{enc_name}" in r.stderr, r.stderr[-3000:]  # the v4l2m2m wrapper used our node
     probe = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
-                            "stream=codec_name,nb_read_frames", "-of", "csv=p=0", str(out)],
+                            "stream=codec_name,width,height,nb_read_frames", "-of", "csv=p=0", str(out)],
                            capture_output=True, text=True, check=True).stdout.strip()
-    assert probe == "h264,50"
+    assert probe == "h264,640,360,50"

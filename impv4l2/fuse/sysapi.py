@@ -64,7 +64,10 @@ def vm_write(pid: int, addr: int, data: bytes | bytearray | memoryview) -> None:
     length = len(data)
     if not length:
         return
-    src = data if isinstance(data, bytearray) else bytearray(data)
+    view = memoryview(data).cast("B")
+    # Writable sources (buffer memory views) are sent in place: USERPTR frames
+    # cost one copy, the kernel's, not a staging copy more.
+    src = view if not view.readonly else bytearray(view)
     cbuf = (ctypes.c_char * length).from_buffer(src)
     done = 0
     while done < length:

@@ -16,6 +16,14 @@
  * daemon's unix socket, which hands the memfd over with SCM_RIGHTS after
  * checking (SO_PEERCRED + /proc/<pid>/fd) that this process has the node open.
  *
+ * The memfd holds every buffer the node ever allocated, so mapping it is not
+ * proof that vb2 would allow the mapping: each mmap first asks the driver
+ * (VIDIOC_IMPV4L2_SHIM_MMAP on the same fd: offset, length, prot) whether the
+ * offset is one QUERYBUF gave for an MMAP buffer allocated now on this file's
+ * queues and the length fits it; the answer is vb2_mmap's errno (USERPTR
+ * queues, freed buffers, random offsets: EINVAL).  The same ioctl repeats the
+ * SHIM_INFO answer, so a known node costs one ioctl per mmap.
+ *
  * Everything else passes through untouched: anonymous maps and fd < 0 cost
  * nothing; other fds cost one fstat; other character devices one ioctl the
  * first time they are seen (the answer is cached per device inode).  With no
@@ -45,7 +53,7 @@
 #include <unistd.h>
 
 #define SHIM_MAGIC "impv4l2"
-#define SHIM_VERSION 1u
+#define SHIM_VERSION 2u /* 2: VIDIOC_IMPV4L2_SHIM_MMAP */
 #define SHIM_FLAG_READONLY 1u /* reply flag: the memfd was sent read-only */
 
 /* The ioctl's struct: explicit padding, same layout for 32- and 64-bit callers. */
@@ -65,6 +73,19 @@ _Static_assert(sizeof(struct impv4l2_shim_info) == 192, "shim info ABI");
 
 /* _IOR('V', BASE_VIDIOC_PRIVATE + 40, struct impv4l2_shim_info) */
 #define VIDIOC_IMPV4L2_SHIM_INFO _IOR('V', 192 + 40, struct impv4l2_shim_info)
+
+/* Asked before every mmap of a node: may this fd map len bytes at offset? */
+struct impv4l2_shim_mmap {
+	uint64_t offset;      /* in: the mmap offset (a QUERYBUF mem_offset) */
+	uint64_t length;      /* in: the mmap length */
+	uint32_t prot;        /* in: PROT_* (vb2 wants READ on capture, WRITE on output queues) */
+	int32_t error;        /* out: 0, or the errno vb2_mmap gives for this mapping */
+	struct impv4l2_shim_info info; /* out: as VIDIOC_IMPV4L2_SHIM_INFO */
+};
+_Static_assert(sizeof(struct impv4l2_shim_mmap) == 216, "shim mmap ABI");
+
+/* _IOWR('V', BASE_VIDIOC_PRIVATE + 41, struct impv4l2_shim_mmap) */
+#define VIDIOC_IMPV4L2_SHIM_MMAP _IOWR('V', 192 + 41, struct impv4l2_shim_mmap)
 
 struct shim_request {
 	char magic[8];
@@ -175,17 +196,25 @@ static void dev_remember(const struct stat *st, int impv4l2)
 	pthread_mutex_unlock(&lock);
 }
 
-/* 1: an impv4l2 node (info filled), 0: anything else. */
-static int probe(int fd, const struct stat *st, struct impv4l2_shim_info *info)
+static int info_valid(struct impv4l2_shim_info *info)
+{
+	if (memcmp(info->magic, SHIM_MAGIC, sizeof(SHIM_MAGIC)) != 0 || info->version != SHIM_VERSION)
+		return 0;
+	info->node[sizeof(info->node) - 1] = 0;
+	info->socket[sizeof(info->socket) - 1] = 0;
+	return 1;
+}
+
+/* 1: an impv4l2 node, 0: anything else.  Asked once per device inode. */
+static int probe(int fd, const struct stat *st)
 {
 	pthread_mutex_lock(&lock);
 	struct dev_entry *e = dev_lookup(st);
 	int known = e ? e->impv4l2 : 0;
 	pthread_mutex_unlock(&lock);
-	if (known < 0)
-		return 0;
-	/* Asked on every mmap of a node (not only the first): the answer carries
-	 * the current memory id, so a replaced memfd is noticed. */
+	if (known)
+		return known > 0;
+	struct impv4l2_shim_info info_buf, *info = &info_buf;
 	memset(info, 0, sizeof(*info));
 	if (ioctl(fd, VIDIOC_IMPV4L2_SHIM_INFO, info) != 0) {
 		int err = errno;
@@ -197,14 +226,13 @@ static int probe(int fd, const struct stat *st, struct impv4l2_shim_info *info)
 		    minor(st->st_rdev), strerror(err));
 		return 0;
 	}
-	if (memcmp(info->magic, SHIM_MAGIC, sizeof(SHIM_MAGIC)) != 0 || info->version != SHIM_VERSION) {
+	if (!info_valid(info)) {
+		DBG("fd %d: impv4l2 node of another shim version (%u, mine %u): not mapping it\n", fd,
+		    info->version, SHIM_VERSION);
 		dev_remember(st, -1);
 		return 0;
 	}
-	info->node[sizeof(info->node) - 1] = 0;
-	info->socket[sizeof(info->socket) - 1] = 0;
-	if (known == 0)
-		dev_remember(st, 1);
+	dev_remember(st, 1);
 	return 1;
 }
 
@@ -330,12 +358,11 @@ static void *shim_mmap(void *addr, size_t len, int prot, int flags, int fd, off6
 		errno = saved;
 		return next_mmap(addr, len, prot, flags, fd, off);
 	}
-	struct impv4l2_shim_info info;
-	if (!probe(fd, &st, &info)) {
+	if (!probe(fd, &st)) {
 		errno = saved;
 		return next_mmap(addr, len, prot, flags, fd, off);
 	}
-	/* The checks vb2_mmap and the mmap core would make on a real V4L2 node. */
+	/* The checks the mmap core and vb2_mmap make before looking at the queue. */
 	int acc = fcntl(fd, F_GETFL);
 	acc = acc < 0 ? O_RDWR : acc & O_ACCMODE;
 	int type = flags & MAP_TYPE;
@@ -347,8 +374,33 @@ static void *shim_mmap(void *addr, size_t len, int prot, int flags, int fd, off6
 		errno = EACCES;
 		return MAP_FAILED;
 	}
+	if (off < 0 || (off & 4095) || len == 0) {
+		errno = EINVAL;
+		return MAP_FAILED;
+	}
+	/* The driver's verdict for this fd (its queues, their memory type, the buffers
+	 * allocated now); its answer also carries the current memory id, so a
+	 * replaced memfd is noticed. */
+	struct impv4l2_shim_mmap req;
+	memset(&req, 0, sizeof(req));
+	req.offset = (uint64_t)off;
+	req.length = len;
+	req.prot = (uint32_t)prot;
+	if (ioctl(fd, VIDIOC_IMPV4L2_SHIM_MMAP, &req) != 0 || !info_valid(&req.info)) {
+		/* No shim server any more (or another version): as without the shim. */
+		DBG("fd %d: no mmap verdict from the driver (%s): passing through\n", fd, strerror(errno));
+		errno = saved;
+		return next_mmap(addr, len, prot, flags, fd, off);
+	}
+	struct impv4l2_shim_info info = req.info;
+	if (req.error) {
+		DBG("%s: mmap %zu@%lld refused by the driver: %s\n", info.node, len, (long long)off,
+		    strerror(req.error));
+		errno = req.error;
+		return MAP_FAILED;
+	}
 	uint64_t plen = ((uint64_t)len + 4095) & ~(uint64_t)4095;
-	if (off < 0 || len == 0 || (uint64_t)off + plen > info.memory_size) {
+	if ((uint64_t)off + plen > info.memory_size) { /* allowed but not there: never SIGBUS */
 		DBG("%s: mmap %zu@%lld outside the %llu bytes of buffer memory\n", info.node, len,
 		    (long long)off, (unsigned long long)info.memory_size);
 		errno = EINVAL;

@@ -2,6 +2,10 @@
 
 * ``VIDIOC_IMPV4L2_SHIM_INFO``: a driver-private ioctl only impv4l2 nodes
   answer; it tells the shim that an fd is ours and where to fetch its memory.
+* ``VIDIOC_IMPV4L2_SHIM_MMAP``: asked on every mmap of a known node; the
+  driver says whether vb2 would allow that mmap on this file (offset and
+  length of an MMAP buffer currently allocated on the file's queues) and
+  repeats the SHIM_INFO answer, so one ioctl per mmap is all it costs.
 * The handover socket (SOCK_SEQPACKET): the shim sends a :data:`REQUEST`, the
   daemon answers a :data:`REPLY`, with the node's memfd as SCM_RIGHTS when
   ``error`` is 0.
@@ -12,7 +16,7 @@ from __future__ import annotations
 import struct
 
 MAGIC = b"impv4l2\0"
-VERSION = 1
+VERSION = 2  # 2: VIDIOC_IMPV4L2_SHIM_MMAP (a v1 shim would map freed/USERPTR offsets)
 FLAG_READONLY = 1  # reply flag: the memfd was sent read-only
 
 # struct impv4l2_shim_info: magic[8] version flags memory_size memory_id
@@ -21,10 +25,24 @@ FLAG_READONLY = 1  # reply flag: the memfd was sent read-only
 INFO = struct.Struct("<8sIIQQII32s108s12x")
 assert INFO.size == 192
 
-# _IOR('V', BASE_VIDIOC_PRIVATE + 40, struct impv4l2_shim_info)
-_IOC_READ = 2
+_IOC_WRITE, _IOC_READ = 1, 2
 BASE_VIDIOC_PRIVATE = 192
-VIDIOC_IMPV4L2_SHIM_INFO = (_IOC_READ << 30) | (INFO.size << 16) | (ord("V") << 8) | (BASE_VIDIOC_PRIVATE + 40)
+
+
+def _ioc(direction: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (ord("V") << 8) | nr
+
+
+# _IOR('V', BASE_VIDIOC_PRIVATE + 40, struct impv4l2_shim_info)
+VIDIOC_IMPV4L2_SHIM_INFO = _ioc(_IOC_READ, BASE_VIDIOC_PRIVATE + 40, INFO.size)
+
+# struct impv4l2_shim_mmap: offset length (in) prot (in: PROT_*) error (out: 0
+# or the errno vb2_mmap gives) info (out: struct impv4l2_shim_info) — 216 bytes.
+MMAP_REQ = struct.Struct("<QQIi")
+MMAP_SIZE = MMAP_REQ.size + INFO.size
+assert MMAP_SIZE == 216
+# _IOWR('V', BASE_VIDIOC_PRIVATE + 41, struct impv4l2_shim_mmap)
+VIDIOC_IMPV4L2_SHIM_MMAP = _ioc(_IOC_READ | _IOC_WRITE, BASE_VIDIOC_PRIVATE + 41, MMAP_SIZE)
 
 REQUEST = struct.Struct("<8sII32s")  # magic version reserved node[32]
 REPLY = struct.Struct("<iIQQ")  # error flags memory_size memory_id

@@ -2,7 +2,9 @@
 
 A client running under ``libimpv4l2-preload.so`` that mmaps a CUSE node asks
 the node (``VIDIOC_IMPV4L2_SHIM_INFO``, answered by :func:`shim_info_ioctl`)
-where its memory is, connects to the :class:`ShimServer` socket and receives
+where its memory is, asks on every mmap whether that mapping is allowed
+(``VIDIOC_IMPV4L2_SHIM_MMAP``, :func:`shim_mmap_ioctl`: the device model's
+vb2_mmap checks for that open file), connects to the :class:`ShimServer` socket and receives
 the node's memfd with SCM_RIGHTS — only if SO_PEERCRED says the connecting
 process really has that node open (read-only holders get a read-only fd).
 """
@@ -16,10 +18,10 @@ import os
 import socket
 import stat
 import threading
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from . import protocol
-from .protocol import VIDIOC_IMPV4L2_SHIM_INFO  # noqa: F401  (re-exported for the dispatch table)
+from .protocol import VIDIOC_IMPV4L2_SHIM_INFO, VIDIOC_IMPV4L2_SHIM_MMAP  # noqa: F401  (for the dispatch table)
 
 log = logging.getLogger("impv4l2.shim")
 
@@ -337,5 +339,28 @@ def note_mmap_client(node_name: str, pid: int) -> None:
 
 # The argument of VIDIOC_IMPV4L2_SHIM_INFO in the device model's dispatch table.
 SHIM_INFO_STRUCT = ctypes.c_uint8 * protocol.INFO.size
+
+
+class ShimMmapArg(ctypes.Structure):
+    """struct impv4l2_shim_mmap, the argument of VIDIOC_IMPV4L2_SHIM_MMAP."""
+
+    _fields_ = [("offset", ctypes.c_uint64), ("length", ctypes.c_uint64), ("prot", ctypes.c_uint32),
+                ("error", ctypes.c_int32), ("info", SHIM_INFO_STRUCT)]
+
+
+SHIM_MMAP_STRUCT = ShimMmapArg
+assert ctypes.sizeof(ShimMmapArg) == protocol.MMAP_SIZE
+
+
+def shim_mmap_ioctl(node_name: str, arg: ShimMmapArg, check: Callable[[int, int, int], int]) -> int:
+    """Handler of VIDIOC_IMPV4L2_SHIM_MMAP: ``check(offset, length, prot)`` is
+    the calling file's verdict on that mmap (0 or an errno, as vb2_mmap).
+
+    The verdict goes into ``arg.error`` (the ioctl itself succeeds, so the shim
+    tells "refused" from "not answered"); ``arg.info`` gets the SHIM_INFO
+    answer.  ENOTTY when no shim server runs, as SHIM_INFO."""
+    shim_info_ioctl(node_name, arg.info)
+    arg.error = check(arg.offset, arg.length, arg.prot)
+    return 0
 
 

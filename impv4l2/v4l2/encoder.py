@@ -716,6 +716,9 @@ class EncoderHandle(NodeHandle):
     def queue(self, buf_type: int) -> BufferQueue:
         return self.ctx.queue_for(buf_type)
 
+    def mmap_queues(self) -> tuple[BufferQueue, ...]:
+        return (self.ctx.out_q, self.ctx.cap_q)  # this session's, as v4l2_m2m_mmap
+
     def poll(self) -> int:
         mask = POLLPRI if self.events.has_pending() else 0
         ctx = self.ctx

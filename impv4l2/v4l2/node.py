@@ -16,7 +16,8 @@ import errno
 import logging
 import os
 import threading
-from typing import Callable
+from mmap import PROT_READ, PROT_WRITE
+from typing import Callable, Iterable
 
 from ..fileops import POLLERR, POLLIN, POLLPRI, POLLRDNORM, Caller, NeedMemory, WouldBlock
 from ..memfd import MemfdMemory
@@ -217,6 +218,26 @@ class NodeHandle:
             raise OSError(errno.EINVAL, f"buffer type {buf_type} not supported")
         return q
 
+    def mmap_queues(self) -> Iterable[BufferQueue]:
+        """The queues whose MMAP buffers this file may map: the node's (vb2_fop_mmap);
+        an M2M file overrides this with its own context's (v4l2_m2m_mmap)."""
+        return self.node.queues.values()
+
+    def mmap_check(self, offset: int, length: int, prot: int = PROT_READ | PROT_WRITE) -> int:
+        """0 if a MAP_SHARED mmap of ``length`` bytes at ``offset`` would succeed on
+        this file of a vb2 node, else vb2_mmap's errno: only offsets QUERYBUF gave for
+        MMAP buffers allocated now, not longer than the buffer (the preload shim asks)."""
+        for q in self.mmap_queues():
+            err = q.mmap_check(offset, length, prot)
+            if err is not None:
+                if err:
+                    log.info("%s pid %d: mmap %d bytes at 0x%x (prot %d) refused: %s", self.node.name,
+                             self.caller.pid, length, offset, prot, errno.errorcode.get(err, err))
+                return err
+        log.info("%s pid %d: mmap %d bytes at 0x%x refused: no MMAP buffer there", self.node.name,
+                 self.caller.pid, length, offset)
+        return errno.EINVAL
+
     # ------------------------------------------------------------ common ioctls
 
     @table.ioctl("QUERYCAP", abi.v4l2_capability)
@@ -324,6 +345,14 @@ class NodeHandle:
     table.entries[shim_server.VIDIOC_IMPV4L2_SHIM_INFO] = Ioctl(
         shim_server.VIDIOC_IMPV4L2_SHIM_INFO, "VIDIOC_IMPV4L2_SHIM_INFO",
         shim_server.SHIM_INFO_STRUCT, _shim_info, False)
+
+    def _shim_mmap(self, s, mem):
+        """Driver-private: would vb2 let this file map s.length bytes at s.offset?"""
+        return shim_server.shim_mmap_ioctl(self.node.name, s, self.mmap_check)
+
+    table.entries[shim_server.VIDIOC_IMPV4L2_SHIM_MMAP] = Ioctl(
+        shim_server.VIDIOC_IMPV4L2_SHIM_MMAP, "VIDIOC_IMPV4L2_SHIM_MMAP",
+        shim_server.SHIM_MMAP_STRUCT, _shim_mmap, False)
 
     def before_reqbufs(self, q: BufferQueue, s) -> None:
         """Hook: a node refreshes the queue's plane sizes from its format."""

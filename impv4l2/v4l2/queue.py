@@ -33,6 +33,7 @@ import enum
 import errno
 import logging
 import threading
+from mmap import PROT_READ, PROT_WRITE
 from typing import Callable
 
 from ..fileops import WouldBlock
@@ -124,7 +125,9 @@ class BufferQueue:
             caps |= abi.BUF_CAP_SUPPORTS_MMAP
         if abi.Memory.USERPTR in self.memories:
             caps |= abi.BUF_CAP_SUPPORTS_USERPTR
-        return caps
+        # REQBUFS(0) while mapped is fine: the memfd never shrinks, so an old mapping
+        # stays valid (it may show a later allocation's buffer at the same offset).
+        return caps | abi.BUF_CAP_SUPPORTS_ORPHANED_BUFS
 
     def _check_type(self, t: int) -> None:
         if t != self.type:
@@ -425,6 +428,23 @@ class BufferQueue:
             self._free()
             self.owner = None
         self.wake()
+
+    def mmap_check(self, offset: int, length: int, prot: int) -> int | None:
+        """vb2_mmap's verdict on mapping ``length`` bytes at ``offset`` (a QUERYBUF
+        mem_offset): 0 or an errno; None when no MMAP buffer of this queue is there."""
+        with self.lock:
+            if self.mem_type != abi.Memory.MMAP:
+                return None  # vb2: "queue is not currently set up for mmap"
+            if self.fileio is not None:
+                return errno.EBUSY  # vb2: "file io in progress"
+            plane = next((p for b in self.buffers for p in b.planes if p.offset == offset), None)
+        if plane is None:
+            return None
+        if not prot & (PROT_WRITE if self.type in OUTPUT_TYPES else PROT_READ):
+            return errno.EINVAL  # vb2: "invalid vma flags, VM_WRITE/VM_READ needed"
+        if page_align(length) > page_align(plane.length):
+            return errno.EINVAL  # vb2: "it would overflow buffer length"
+        return 0
 
     # ------------------------------------------------------------ producer side
 
