@@ -469,6 +469,27 @@ def test_yuyv_conversion_and_userptr(nodes):
     h.release()
 
 
+def test_fresh_read_is_eagain_even_if_a_frame_races_in(nodes, monkeypatch):
+    """v4l2-compliance reads twice from fresh opens and wants the same answer: the
+    first read() only starts streaming, even when a frame is done before it returns."""
+    import time
+    node = nodes[1]
+    start = node.channel.start
+
+    def start_and_deliver(sink):
+        start(sink)
+        deadline = time.monotonic() + 5
+        while not node.queue.has_done() and time.monotonic() < deadline:
+            time.sleep(0.002)
+
+    monkeypatch.setattr(node.channel, "start", start_and_deliver)
+    h = open_node(node)
+    with pytest.raises(WouldBlock):
+        h.read(1, 0)
+    assert node.queue.has_done()
+    assert len(bytes(h.read(1, 0))) == 1  # the frame that raced in is served next
+
+
 def test_read_across_chunks(nodes):
     node = nodes[1]
     h = open_node(node)

@@ -58,9 +58,6 @@ def _compliance(dev: str, *args: str) -> tuple[str, tuple[int, int, int, int]]:
 # Verkuil's "only check function ... has_media" fix).  A CUSE node has no
 # media device, so with 1.22 this one check fails whatever the node does.
 KNOWN_TOOL_FAILS = ("v4l2-test-codecs.cpp(35): node->function != MEDIA_ENT_F_PROC_VIDEO_ENCODER",)
-# With the preload shim, mmap of the node works whatever the queue's memory
-# type, so v4l2-compliance's "mmap must fail in USERPTR mode" check fails.
-KNOWN_SHIM_FAILS = ("node->mmap(buf.g_length(p), 0) != MAP_FAILED", "setupUserPtr(node, q)")
 
 
 def _failures(out: str) -> list[str]:
@@ -102,6 +99,5 @@ def test_v4l2_compliance_encoder_streaming_with_shim(cuse_encoder, record_proper
     print(proc.stdout[proc.stdout.find("Buffer ioctls"):])
     total, ok, failed, warnings = map(int, m.group(3, 4, 5, 6))
     record_property("encoder_compliance_streaming_shim", f"{total} tests, {failed} failed")
-    known = KNOWN_TOOL_FAILS + KNOWN_SHIM_FAILS
-    unexpected = [f for f in _failures(proc.stdout) if not any(k in f for k in known)]
+    unexpected = [f for f in _failures(proc.stdout) if not any(k in f for k in KNOWN_TOOL_FAILS)]
     assert not unexpected, "\n".join(unexpected)

@@ -29,7 +29,7 @@ from typing import Callable
 
 from ..driver.base import (Backend, ChannelMode, Codec, EncoderChannel, EncoderParams,
                            FrameChannel, FrameInfo)
-from ..fileops import POLLERR
+from ..fileops import POLLERR, WouldBlock
 from . import abi
 from .codec_controls import H264_CONTROLS, RC_KEYS, STREAM_KEYS, CodecControl, CodecSettings
 from .controls import ControlSet, ControlView, isp_control_set
@@ -407,7 +407,11 @@ class CaptureHandle(NodeHandle):
         if fio is None:
             if q.owner is not None:
                 raise OSError(errno.EBUSY, "streaming I/O in use")
-            fio = FileIO(q, self, READBUFFERS)
+            FileIO(q, self, READBUFFERS)
+            # The first frame is a frame period away, as with vb2: never hand out one that
+            # raced in while streaming started (O_NONBLOCK callers get a stable EAGAIN;
+            # blocking ones are re-run by the transport when it arrives).
+            raise WouldBlock()
         elif fio.owner is not self:
             raise OSError(errno.EBUSY, "another file handle is reading")
         return fio.read(size, offset)
