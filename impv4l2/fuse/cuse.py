@@ -103,12 +103,7 @@ class CuseServer(Server):
             os.eventfd_write(self._evfd, 1)
         if self._thread and self._thread is not threading.current_thread():
             self._thread.join(timeout)
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        if self._evfd >= 0:
-            os.close(self._evfd)
-            self._evfd = -1
+        self._close_fds()
 
     def __enter__(self) -> "CuseServer":
         self.start()

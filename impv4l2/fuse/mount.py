@@ -160,12 +160,7 @@ class FuseMount(Server):
             for node in self._by_name.values():
                 self._detach(node)
             self._by_name.clear()
-        if self._fd >= 0:
-            os.close(self._fd)   # last /dev/fuse fd: the kernel aborts the connection
-            self._fd = -1
-        if self._evfd >= 0:
-            os.close(self._evfd)
-            self._evfd = -1
+        self._close_fds()  # the last /dev/fuse fd: the kernel aborts the connection
 
     def __enter__(self) -> "FuseMount":
         self.start()

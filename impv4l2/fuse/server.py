@@ -227,6 +227,15 @@ class Server:
 
     # ----- loop ---------------------------------------------------------------------------
 
+    def _close_fds(self) -> None:
+        """Close the /dev/fuse (or /dev/cuse) fd and the wake-up eventfd."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._evfd >= 0:
+            os.close(self._evfd)
+            self._evfd = -1
+
     def _start_loop(self, name: str) -> None:
         self._evfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
