@@ -96,6 +96,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         tr.write_line(vm.log_tail())
 
 
+@pytest.fixture(scope="module")
+def backend():
+    """A running sim backend at 30 fps, shared by a module's device-model tests
+    (modules with other needs define their own ``backend``)."""
+    from impv4l2.driver import load_backend
+
+    b = load_backend("sim", fps=30)
+    yield b
+    b.close()
+
+
 @pytest.fixture(scope="session")
 def vivid_device() -> str:
     """/dev/videoN of vivid's capture node (loaded by tests/vm/guest.sh); vm tests only."""

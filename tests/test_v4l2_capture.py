@@ -9,7 +9,6 @@ import threading
 import numpy as np
 import pytest
 
-from impv4l2.driver import load_backend
 from impv4l2.driver.sim.pattern import read_counter, y_plane
 from impv4l2.fileops import POLLIN, POLLPRI, WouldBlock
 from impv4l2.v4l2 import abi
@@ -20,13 +19,6 @@ from v4l2_helpers import MEM, buf, ctrl, dqbuf, err, fmt, ioctl, open_node, reqb
 
 CAP = abi.BufType.VIDEO_CAPTURE
 CID = abi.CID
-
-
-@pytest.fixture(scope="module")
-def backend():
-    b = load_backend("sim", fps=30)
-    yield b
-    b.close()
 
 
 @pytest.fixture

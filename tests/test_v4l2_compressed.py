@@ -38,13 +38,6 @@ H264_CIDS = (CID.MPEG_VIDEO_BITRATE_MODE, CID.MPEG_VIDEO_BITRATE, CID.MPEG_VIDEO
 JPEG_Q = CID.JPEG_COMPRESSION_QUALITY
 
 
-@pytest.fixture(scope="module")
-def backend():
-    b = load_backend("sim", fps=30)
-    yield b
-    b.close()
-
-
 @pytest.fixture
 def nodes(backend):
     main = CaptureNode("video10", backend, backend.channels[0])

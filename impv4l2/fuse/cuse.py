@@ -49,8 +49,6 @@ class CuseServer(Server):
         self.devnum: tuple[int, int] = (0, 0)
         self._node = Node(device, 0)
         self._nodes[0] = self._node
-        self._init_done = threading.Event()
-        self._init_error: str | None = None
         self._ops[P.CUSE_INIT] = self._op_cuse_init
 
     @property
@@ -120,12 +118,8 @@ class CuseServer(Server):
 
     def _op_cuse_init(self, unique, nodeid, uid, gid, pid, p) -> None:
         major, minor, _, _ = P.CUSE_INIT_IN.unpack_from(p)
-        if major != P.KERNEL_MAJOR or minor < P.MIN_MINOR:
-            self._init_error = f"kernel FUSE {major}.{minor} is older than 7.{P.MIN_MINOR}"
-            self._error(unique, errno.EPROTO)
-            self._init_done.set()
+        if not self._accept_version(unique, major, minor):
             return
-        self._minor = min(minor, P.MAX_MINOR)
         out = P.CUSE_INIT_OUT.pack(P.KERNEL_MAJOR, self._minor, 0, P.CUSE_UNRESTRICTED_IOCTL,
                                    IOCTL_MAX, IOCTL_MAX, self.major, self.minor)
         self._reply(unique, out + f"DEVNAME={self.devname}\0".encode())

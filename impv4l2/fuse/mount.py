@@ -87,8 +87,6 @@ class FuseMount(Server):
         self._lock = threading.Lock()
         self._by_name: dict[str, Node] = {}
         self._next_nodeid = ROOT + 1
-        self._init_done = threading.Event()
-        self._init_error: str | None = None
         self._mounted = False
         self._t0 = int(time.time())
         self._deferred_stores: list = []
@@ -352,12 +350,8 @@ class FuseMount(Server):
         offered = flags
         if flags & P.INIT_EXT and len(p) >= 24:
             offered |= int.from_bytes(p[16:20], "little") << 32
-        if major != P.KERNEL_MAJOR or minor < P.MIN_MINOR:
-            self._init_error = f"kernel FUSE {major}.{minor} is older than 7.{P.MIN_MINOR}"
-            self._error(unique, errno.EPROTO)
-            self._init_done.set()
+        if not self._accept_version(unique, major, minor):
             return
-        self._minor = min(minor, P.MAX_MINOR)
         want = P.BIG_WRITES | P.HAS_IOCTL_DIR | P.MAX_PAGES | P.INIT_EXT
         mode = self.requested_mode
         can = {"passthrough": bool(offered & P.PASSTHROUGH) and os.geteuid() == 0,

@@ -199,6 +199,8 @@ class Server:
     def __init__(self) -> None:
         self._fd = -1
         self.requests = 0  # requests dispatched (CuseServer.stop waits for quiet)
+        self._init_done = threading.Event()  # INIT/CUSE_INIT answered (or refused)
+        self._init_error: str | None = None
         self._buf = bytearray(BUFSIZE)
         self._mv = memoryview(self._buf)
         self._evfd = -1
@@ -226,6 +228,16 @@ class Server:
         }
 
     # ----- loop ---------------------------------------------------------------------------
+
+    def _accept_version(self, unique: int, major: int, minor: int) -> bool:
+        """INIT/CUSE_INIT: settle on min(kernel, ours), or refuse a kernel older than 7.22."""
+        if major != P.KERNEL_MAJOR or minor < P.MIN_MINOR:
+            self._init_error = f"kernel FUSE {major}.{minor} is older than 7.{P.MIN_MINOR}"
+            self._error(unique, errno.EPROTO)
+            self._init_done.set()
+            return False
+        self._minor = min(minor, P.MAX_MINOR)
+        return True
 
     def _close_fds(self) -> None:
         """Close the /dev/fuse (or /dev/cuse) fd and the wake-up eventfd."""

@@ -40,22 +40,26 @@ def umount2(target: str, flags: int = 0) -> None:
     _check(_libc.umount2(target.encode(), flags), f"umount {target}")
 
 
-def vm_read(pid: int, addr: int, length: int) -> bytearray:
-    """Read ``length`` bytes at ``addr`` of process ``pid`` (EFAULT if unmapped)."""
-    buf = bytearray(length)
-    if not length:
-        return buf
-    cbuf = (ctypes.c_char * length).from_buffer(buf)
+def _vm_transfer(call, name: str, pid: int, addr: int, cbuf, length: int) -> None:
+    """Run process_vm_readv/writev (``call``) until ``length`` bytes of ``cbuf`` moved."""
     done = 0
     while done < length:
         local = _IoVec(ctypes.addressof(cbuf) + done, length - done)
         remote = _IoVec(addr + done, length - done)
-        n = _libc.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        n = call(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
         if n <= 0:
             err = ctypes.get_errno() if n < 0 else 14
-            raise OSError(err or 14, f"process_vm_readv pid {pid} at {addr:#x}+{length}")
+            raise OSError(err or 14, f"{name} pid {pid} at {addr:#x}+{length}")
         done += n
-    del cbuf
+
+
+def vm_read(pid: int, addr: int, length: int) -> bytearray:
+    """Read ``length`` bytes at ``addr`` of process ``pid`` (EFAULT if unmapped)."""
+    buf = bytearray(length)
+    if length:
+        cbuf = (ctypes.c_char * length).from_buffer(buf)
+        _vm_transfer(_libc.process_vm_readv, "process_vm_readv", pid, addr, cbuf, length)
+        del cbuf
     return buf
 
 
@@ -69,15 +73,7 @@ def vm_write(pid: int, addr: int, data: bytes | bytearray | memoryview) -> None:
     # cost one copy, the kernel's, not a staging copy more.
     src = view if not view.readonly else bytearray(view)
     cbuf = (ctypes.c_char * length).from_buffer(src)
-    done = 0
-    while done < length:
-        local = _IoVec(ctypes.addressof(cbuf) + done, length - done)
-        remote = _IoVec(addr + done, length - done)
-        n = _libc.process_vm_writev(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
-        if n <= 0:
-            err = ctypes.get_errno() if n < 0 else 14
-            raise OSError(err or 14, f"process_vm_writev pid {pid} at {addr:#x}+{length}")
-        done += n
+    _vm_transfer(_libc.process_vm_writev, "process_vm_writev", pid, addr, cbuf, length)
     del cbuf
 
 

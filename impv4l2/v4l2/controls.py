@@ -238,7 +238,8 @@ class ControlView:
 
     # ------------------------------------------------------------ ioctls
 
-    def queryctrl(self, q: abi.v4l2_queryctrl) -> None:
+    def queryctrl(self, q: abi.v4l2_queryctrl | abi.v4l2_query_ext_ctrl) -> None:
+        """QUERYCTRL; QUERY_EXT_CTRL shares the leading fields."""
         c, rid = self.find_query(q.id)
         abi.zero(q)
         q.id = rid
@@ -248,13 +249,7 @@ class ControlView:
         q.flags = c.flags
 
     def query_ext_ctrl(self, q: abi.v4l2_query_ext_ctrl) -> None:
-        c, rid = self.find_query(q.id)
-        abi.zero(q)
-        q.id = rid
-        q.type = c.type
-        abi.set_str(q, "name", c.name)
-        q.minimum, q.maximum, q.step, q.default_value = c.minimum, c.maximum, c.step, c.default
-        q.flags = c.flags
+        self.queryctrl(q)
         q.elem_size = 4
         q.elems = 1
 
