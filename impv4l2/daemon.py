@@ -30,6 +30,31 @@ def taken_video_numbers() -> set[int]:
     return used
 
 
+def remove_stale_links(mount: str, dev: str = "/dev") -> list[str]:
+    """Remove ``/dev/videoN`` links of ours left by a run that died (kill -9).
+
+    Ours means: a symlink whose target is ``<mount>/videoN`` of the same name,
+    which is exactly what :meth:`Daemon._link` makes; any other link or node,
+    another program's, is left alone.  Called before the names are chosen, so
+    a restart gets the same numbers back.
+    """
+    removed = []
+    if not mount:
+        return removed
+    mount = os.path.abspath(mount)
+    for path in glob.glob(os.path.join(dev, "video*")):
+        name = os.path.basename(path)
+        try:
+            if not os.path.islink(path) or os.readlink(path) != os.path.join(mount, name):
+                continue
+            os.unlink(path)
+        except OSError:
+            continue
+        log.warning("%s: removed stale link to %s (a previous run died?)", path, mount)
+        removed.append(path)
+    return removed
+
+
 def allocate_names(roles: list[str], nodes: config_mod.NodeConfig) -> dict[str, str]:
     """A videoN name per role: configured names, else free numbers from nodes.base."""
     used = taken_video_numbers()
@@ -122,6 +147,8 @@ class Daemon:
         from . import fuse
 
         t = self.cfg.transport
+        # Our links from a run that died would otherwise hold their numbers.
+        remove_stale_links(t.mount)
         if t.cuse == "on" and not fuse.cuse_available():
             raise RuntimeError("transport.cuse = on but /dev/cuse is missing (modprobe cuse)")
         self._use_cuse = t.cuse == "on" or (t.cuse == "auto" and fuse.cuse_available())
@@ -157,7 +184,7 @@ class Daemon:
 
     def _link(self, name: str) -> None:
         link = f"/dev/{name}"
-        target = os.path.join(self.cfg.transport.mount, name)
+        target = os.path.join(os.path.abspath(self.cfg.transport.mount), name)
         try:
             if os.path.islink(link):
                 os.unlink(link)  # ours from a crashed run

@@ -28,6 +28,7 @@ Rules for implementers of Device/Handle:
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Callable, Iterable, Protocol, runtime_checkable
 
 Region = tuple[int, int]  # (user address, length)
@@ -142,6 +143,43 @@ class Device(Protocol):
 
     def open(self, caller: Caller) -> Handle: ...
 
-    def set_waker(self, wake: Callable[[], None]) -> None:
-        """Give the device the callback it calls (from any thread) when a
-        waiting operation may now complete or poll readiness changed."""
+    def add_waker(self, wake: Callable[[], None]) -> None:
+        """Add a callback the device calls (from any thread) when a waiting
+        operation may now complete or poll readiness changed.
+
+        A device may be served by several transports at once (a CUSE node and
+        a FUSE file): every waker added is called on every wake-up, so each
+        transport re-runs its own parked requests.  :class:`Wakers` does this.
+        """
+
+    def remove_waker(self, wake: Callable[[], None]) -> None:
+        """Forget a callback given to :meth:`add_waker` (transport stops serving)."""
+
+
+class Wakers:
+    """The wake callbacks of one device, one per transport serving it.
+
+    Calling it calls every callback; adding and removing replace an immutable
+    tuple, so a wake from the sensor thread never sees a half-updated set and
+    needs no lock.
+    """
+
+    def __init__(self) -> None:
+        self._all: tuple[Callable[[], None], ...] = ()
+        self._lock = threading.Lock()
+
+    def add(self, wake: Callable[[], None]) -> None:
+        with self._lock:
+            if wake not in self._all:
+                self._all = self._all + (wake,)
+
+    def remove(self, wake: Callable[[], None]) -> None:
+        with self._lock:
+            self._all = tuple(w for w in self._all if w != wake)
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def __call__(self) -> None:
+        for wake in self._all:
+            wake()

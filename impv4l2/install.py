@@ -21,6 +21,17 @@ import signal
 import struct
 import sys
 
+try:
+    from .ioc import NATIVE
+except ImportError:  # udev runs this file as a plain script (python -I -S): load the sibling by path
+    import importlib.util
+
+    _spec = importlib.util.spec_from_file_location(
+        "impv4l2_ioc", os.path.join(os.path.dirname(os.path.abspath(__file__)), "ioc.py"))
+    _ioc = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_ioc)
+    NATIVE = _ioc.NATIVE
+
 UDEV_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "udev")
 RULES = "70-impv4l2.rules"
 UNIT = "impv4l2.service"
@@ -36,7 +47,7 @@ TARGETS: dict[str, tuple[str, str]] = {
 
 # struct v4l2_capability: driver[16] card[32] bus_info[32] version capabilities device_caps reserved[3]
 _CAP = struct.Struct("<16s32s32sIII12x")
-VIDIOC_QUERYCAP = (2 << 30) | (_CAP.size << 16) | (ord("V") << 8) | 0  # _IOR('V', 0, ...)
+VIDIOC_QUERYCAP = NATIVE.IOR("V", 0, _CAP.size)
 CAP_DEVICE_CAPS = 0x80000000
 
 # capability bits -> v4l_id's ID_V4L_CAPABILITIES words, as data (systemd's v4l_id.c order).

@@ -21,18 +21,21 @@ from pathlib import Path
 import pytest
 
 
-def _load_harness():
-    # loaded by path: a top-level "vm" package on sys.path would be too easy to shadow
-    name = "impv4l2_tests_vm_harness"
+def _load_vm_module(stem: str):
+    # loaded by path: a top-level "vm" package on sys.path would be too easy to shadow;
+    # test modules import them as impv4l2_tests_vm_<stem>
+    name = f"impv4l2_tests_vm_{stem}"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "vm" / "harness.py")
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "vm" / f"{stem}.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
 
 
-harness = _load_harness()
+_load_vm_module("chroots")  # newer conformance tools (tests/vm/chroots.py), used by the harness
+_load_vm_module("served")  # the real daemon for vm tests (tests/vm/served.py)
+harness = _load_vm_module("harness")
 _VM_RUN = pytest.StashKey["object"]()
 
 

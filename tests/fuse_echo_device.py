@@ -26,13 +26,15 @@ import threading
 import zlib
 
 from impv4l2 import fileops
+from impv4l2.ioc import NATIVE, READ as IOC_READ, WRITE as IOC_WRITE
 from impv4l2.memfd import MemfdMemory
 
-IOC_NONE, IOC_WRITE, IOC_READ = 0, 1, 2
+IOC_NONE = 0
 
 
 def IOC(d: int, nr: int, size: int) -> int:
-    return (d << 30) | (size << 16) | (ord("E") << 8) | nr
+    """An 'E' ioctl in the running machine's encoding (d: READ/WRITE flags)."""
+    return NATIVE.ioc(NATIVE.flags_to_dir(d), "E", nr, size)
 
 
 def ECHO(size: int) -> int:
@@ -161,13 +163,16 @@ class EchoDevice:
         self.lock = threading.Lock()
         self.ioctls = 0
         self.released = 0
-        self.wake = lambda: None
+        self.wake = fileops.Wakers()
 
     def open(self, caller: fileops.Caller) -> EchoHandle:
         return EchoHandle(self, caller)
 
-    def set_waker(self, wake) -> None:
-        self.wake = wake
+    def add_waker(self, wake) -> None:
+        self.wake.add(wake)
+
+    def remove_waker(self, wake) -> None:
+        self.wake.remove(wake)
 
     def push(self, data: bytes) -> None:
         with self.lock:

@@ -61,7 +61,7 @@ def test_listing_and_attrs(mnt):
     assert os.listdir(m.mountpoint) == ["echo0"]
     st = os.stat(path)
     assert st.st_size == dev.memory.size == 1 << 20
-    assert oct(st.st_mode & 0o777) == "0o666"
+    assert oct(st.st_mode & 0o777) == "0o660"  # root:video, as the CUSE nodes
 
 
 def test_roundtrip_sizes_both_directions(mnt):
@@ -287,3 +287,77 @@ def test_sigterm_tears_down_within_1s(mp):
     assert elapsed < 1.0
     assert not stale_mounts(mp)
     _close(fd)
+
+
+@pytest.mark.parametrize("door", [0, 1])
+def test_device_on_two_transports_wakes_both(door):
+    """A device served by two transports at once (the daemon serves every node
+    through CUSE and the FUSE mount): a request parked on either door, and a
+    poller on either door, is woken by the device.  Regression: the device kept
+    one waker, so the door attached first never saw a wake-up again."""
+    d = tempfile.mkdtemp(prefix="impv4l2-fuse-test-")
+    mounts = [FuseMount(os.path.join(d, f"mnt{i}")) for i in range(2)]
+    dev = EchoDevice("plain", memory_size=0)
+    try:
+        for m in mounts:
+            m.start()
+            m.add(dev)
+        path = os.path.join(mounts[door].mountpoint, "plain")
+        for _ in range(3):
+            waiter = client("wait", path)
+            assert waiter.stdout.readline().strip() == "WAITING"
+            time.sleep(0.2)   # parked
+            dev.signal()
+            assert finish(waiter, timeout=5).split()[0] == "WOKE"
+            with dev.lock:
+                dev.queue.clear()
+            p = client("poll", path, "poll")
+            assert p.stdout.readline().strip() == "POLLING"
+            time.sleep(0.2)
+            dev.signal()
+            assert finish(p, timeout=5).split()[0] == "READY"
+            with dev.lock:
+                dev.queue.clear()
+        mounts[1 - door].remove("plain")   # the other door goes: this one still wakes
+        waiter = client("wait", path)
+        assert waiter.stdout.readline().strip() == "WAITING"
+        time.sleep(0.2)
+        dev.signal()
+        assert finish(waiter, timeout=5).split()[0] == "WOKE"
+        assert len(dev.wake) == 1
+    finally:
+        for m in mounts:
+            m.stop()
+            os.rmdir(m.mountpoint)
+        os.rmdir(d)
+
+
+def _open_as(path: str, uid: int, gids: list[int]) -> str:
+    """open(path) in a child running as uid with exactly these groups: 'ok' or the errno name."""
+    code = ("import errno, os, sys\n"
+            "try:\n    os.close(os.open(sys.argv[1], os.O_RDWR)); print('ok')\n"
+            "except OSError as e:\n    print(errno.errorcode[e.errno])\n")
+
+    def drop():
+        os.setgroups(gids)
+        os.setgid(gids[0])
+        os.setuid(uid)
+    # the system python: the venv's interpreter may live under root's 0700 home
+    py = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    return subprocess.run([py, "-I", "-c", code, path], capture_output=True, text=True,
+                          preexec_fn=drop, timeout=30).stdout.strip()
+
+
+def test_files_are_root_video_0660_and_enforced(mnt):
+    """The FUSE door has the CUSE door's access (udev: root:video 0660): the kernel checks it
+    (default_permissions), so a process outside group video cannot open a node."""
+    import grp
+    m, _, path = mnt
+    os.chmod(os.path.dirname(m.mountpoint), 0o755)  # mkdtemp's 0700 would refuse everyone
+    st = os.stat(path)
+    video = grp.getgrnam("video").gr_gid
+    assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (0o660, os.getuid(), video)
+    nobody = 65534
+    assert _open_as(path, nobody, [nobody]) == "EACCES"
+    assert _open_as(path, nobody, [nobody, video]) == "ok"
+    assert _open_as(os.path.dirname(path), nobody, [nobody]) == "EISDIR"  # the directory stays listable

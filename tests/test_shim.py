@@ -491,7 +491,7 @@ def test_encoder_mmap_verdicts_are_per_session(sim_backend):
     from encoder_client import M2MClient
 
     node = EncoderNode("video79", sim_backend)
-    node.set_waker(lambda: None)
+    node.add_waker(lambda: None)
     try:
         c1 = M2MClient(node, 320, 240, n_out=2, n_cap=2)
         c2 = M2MClient(node, 320, 240, n_out=2, n_cap=2, pid=1001)

@@ -10,7 +10,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from fakes.build import c_layout  # noqa: E402
 
-from impv4l2.driver.t31 import ioctl, structs  # noqa: E402
+from impv4l2 import ioc as ioctl  # noqa: E402
+from impv4l2.driver.t31 import structs  # noqa: E402
 
 MIPS_CC = shutil.which("mipsel-linux-gnu-gcc")
 

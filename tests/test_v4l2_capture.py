@@ -26,8 +26,8 @@ def nodes(backend):
     main = CaptureNode("video10", backend, backend.channels[0])
     sub = CaptureNode("video11", backend, backend.channels[1])
     wakes = []
-    main.set_waker(lambda: wakes.append(1))
-    sub.set_waker(lambda: None)
+    main.add_waker(lambda: wakes.append(1))
+    sub.add_waker(lambda: None)
     yield main, sub, wakes
     main.close()
     sub.close()

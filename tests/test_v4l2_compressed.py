@@ -43,7 +43,7 @@ def nodes(backend):
     main = CaptureNode("video10", backend, backend.channels[0])
     sub = CaptureNode("video11", backend, backend.channels[1])
     for n in (main, sub):
-        n.set_waker(lambda: None)
+        n.add_waker(lambda: None)
     yield main, sub
     main.close()
     sub.close()

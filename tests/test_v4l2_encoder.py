@@ -35,7 +35,7 @@ def backend():
 @pytest.fixture
 def node(backend):
     n = EncoderNode("video42", backend)
-    n.set_waker(lambda: None)
+    n.add_waker(lambda: None)
     yield n
     n.close()
 
@@ -43,7 +43,7 @@ def node(backend):
 @pytest.fixture
 def splane_node(backend):
     n = EncoderNode("video45", backend, apis=("splane",))
-    n.set_waker(lambda: None)
+    n.add_waker(lambda: None)
     yield n
     n.close()
 
@@ -152,6 +152,10 @@ def test_formats_and_sizes(node):
     ioctl(h, "G_PARM", q)
     assert (q.parm.output.timeperframe.numerator, q.parm.output.timeperframe.denominator) == (1001, 30000)
     assert q.parm.output.capability == abi.Cap.TIMEPERFRAME
+    # no separate coded frame interval (no ENC_CAP_FRAME_INTERVAL): CAPTURE G/S_PARM fail
+    q.type = BT.VIDEO_CAPTURE_MPLANE
+    assert err_of(ioctl, h, "G_PARM", q) == errno.EINVAL
+    assert err_of(ioctl, h, "S_PARM", q) == errno.EINVAL
     h.release()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import numpy as np
@@ -96,3 +97,44 @@ def test_controls_between_captures(served, tmp_path):
         assert np.abs(yf[:, ::-1] - yb).mean() < np.abs(yf - yb).mean()
     finally:
         backend.isp.set("hflip", 0)
+
+
+STREAM_CLIENT = os.path.join(os.path.dirname(__file__), "clients", "stream.py")
+
+
+def run_stream_client(mode: str, path: str, frames: int, timeout: float = 60) -> list[str]:
+    """tests/clients/stream.py in its own process; returns its last line split."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, STREAM_CLIENT, mode, path, str(frames)], capture_output=True,
+                       text=True, timeout=timeout, env=dict(os.environ, PYTHONPATH=root))
+    assert p.returncode == 0, p.stderr
+    return p.stdout.split()
+
+
+@pytest.mark.parametrize("door", [0, 1])
+def test_node_on_two_doors_streams_on_each(door):
+    """The daemon serves each node through two transports (CUSE and the mount).
+    Regression for the 4-frame stall: the node kept only the last transport's
+    waker, so a DQBUF parked (or a poll armed) on the first door was never
+    woken; here two mounts stand in for the two doors."""
+    from impv4l2.fuse.mount import FuseMount
+
+    backend = load_backend("sim", fps=30)
+    d = tempfile.mkdtemp(prefix="impv4l2-v4l2-test-")
+    mounts = [FuseMount(os.path.join(d, f"door{i}")) for i in range(2)]
+    node = CaptureNode("video11", backend, backend.channels[1])
+    try:
+        paths = []
+        for m in mounts:
+            m.start()
+            paths.append(m.add(node))
+        for mode in ("userptr", "mmap"):
+            out = run_stream_client(mode, paths[door], 45)
+            assert out[:2] == ["OK", "45"], out
+    finally:
+        for m in mounts:
+            m.stop()
+            os.rmdir(m.mountpoint)
+        node.close()
+        backend.close()
+        os.rmdir(d)

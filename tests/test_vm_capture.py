@@ -1,25 +1,21 @@
 """Issue 3 acceptance on a real kernel: the capture nodes served by the real daemon through CUSE.
 
-Runs inside the VM only (@pytest.mark.vm): ``impv4l2 serve --mount ''`` (CUSE, sim backend) is
-started once for the module and its /dev/videoN capture nodes are driven by the stock clients —
-v4l2-compliance, v4l2-ctl, GStreamer.
+Runs inside the VM only (@pytest.mark.vm): the real daemon is started once per topology (plain
+``impv4l2 serve``: CUSE nodes and the FUSE mount; and ``serve --mount ""``: CUSE only) and its
+/dev/videoN capture nodes are driven by the stock clients — v4l2-compliance, v4l2-ctl, GStreamer.
 
 The kernel gives CUSE no mmap, so v4l2-compliance's MMAP streaming tests cannot pass on a CUSE
 node (they need the FUSE mount or the preload shim); every other test must.  The full
-v4l2-compliance output of each node is written to ``$IMPV4L2_VM_OUT/compliance-<node>.txt``.
+v4l2-compliance output of each node is written to ``$IMPV4L2_VM_OUT/compliance-<role>-<topology>.txt``.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import signal
-import stat
 import subprocess
-import sys
-import time
-from pathlib import Path
 
+import impv4l2_tests_vm_served as served
 import numpy as np
 import pytest
 
@@ -27,99 +23,25 @@ from impv4l2.driver.sim.pattern import read_counter, y_plane
 
 pytestmark = pytest.mark.vm
 
-ROOT = Path(__file__).resolve().parent.parent
-# `impv4l2 serve` as the console script runs it, plus a faulthandler: SIGUSR1 dumps every
-# thread's stack into the daemon log (used when a client hangs).
-SERVE = [sys.executable, "-c", "import faulthandler, signal, sys; "
-         "faulthandler.register(signal.SIGUSR1, all_threads=True); "
-         "from impv4l2.cli import main; sys.exit(main())", "serve"]
-NODE_RE = re.compile(r"(\S+): CUSE node /dev/(video\d+) \((\w+)\)")
 TOTAL_RE = re.compile(r"^Total for (\S+) device (\S+): (\d+), Succeeded: (\d+), Failed: (\d+), "
                       r"Warnings: (\d+)$", re.M)
 RESULT_RE = re.compile(r"^\s*(test .+?): (OK|FAIL)(?: \(Not Supported\))?$", re.M)
 # What CUSE cannot do (no mmap in its file_operations): v4l2-compliance's MMAP streaming tests.
 CUSE_MMAP_RE = re.compile(r"^test MMAP\b")
 SEQ_GAP_RE = re.compile(r"got sequence number \d+, expected \d+")
-START_TIMEOUT = 120  # generous: the guest runs without KVM
 ROLES = ("main", "sub")
+_outdir = served.outdir
 
 
-def _outdir() -> Path:
-    d = Path(os.environ.get("IMPV4L2_VM_OUT") or os.environ.get("TMPDIR", "/tmp"))
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-@pytest.fixture(scope="module")
-def daemon():
-    """The real daemon serving CUSE nodes only; yields {role: "/dev/videoN"}."""
-    if not os.path.exists("/dev/cuse"):
-        pytest.fail("/dev/cuse missing (modprobe cuse failed in the guest?)")
-    log_path = _outdir() / "vm-capture-daemon.log"
-    log = open(log_path, "w+")
-    verbose = ["-v"] if os.environ.get("IMPV4L2_VM_VERBOSE") == "1" else []
-    proc = subprocess.Popen([*SERVE, "--backend", "sim", "--mount", "", "--cuse", "on", *verbose],
-                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                            cwd=ROOT)
-    nodes: dict[str, str] = {}
-    deadline = time.monotonic() + START_TIMEOUT
-    try:
-        while time.monotonic() < deadline:
-            text = log_path.read_text()
-            nodes = {role: f"/dev/{dev}" for _, dev, role in NODE_RE.findall(text)}
-            if all(r in nodes for r in ROLES) and "serving " in text and \
-                    all(os.path.exists(nodes[r]) for r in ROLES):
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"impv4l2 serve exited with {proc.returncode}:\n{text}")
-            time.sleep(0.2)
-        else:
-            pytest.fail(f"no CUSE capture nodes after {START_TIMEOUT} s:\n{log_path.read_text()}")
-        # udev creates the node; wait until it is a character device of ours
-        for r in ROLES:
-            # a CUSE device of ours, not vivid's /dev/video0..
-            assert Path(f"/sys/class/cuse/{Path(nodes[r]).name}").exists(), nodes[r]
-            while not stat.S_ISCHR(os.stat(nodes[r]).st_mode):
-                assert time.monotonic() < deadline, nodes[r]
-                time.sleep(0.1)
-        global DAEMON_PID
-        DAEMON_PID = proc.pid
-        yield {r: nodes[r] for r in ROLES}
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        print(f"daemon log: {log_path}")
-
-
-DAEMON_PID = 0
+@pytest.fixture(scope="module", params=list(served.TOPOLOGIES))
+def daemon(request):
+    """The real daemon (default topology: CUSE + FUSE mount; and CUSE only); yields {role: /dev/videoN}."""
+    with served.serving(request.param, "capture", ROLES) as d:
+        yield {r: d.nodes[r] for r in ROLES}
 
 
 def run(*cmd: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    """Run a client; on timeout record where it and the daemon hang, then fail."""
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        try:
-            stack = Path(f"/proc/{p.pid}/stack").read_text()
-        except OSError as e:
-            stack = str(e)
-        if DAEMON_PID:
-            os.kill(DAEMON_PID, signal.SIGUSR1)  # thread dump into the daemon log
-        p.kill()
-        out, err = p.communicate()
-        raise AssertionError(f"{' '.join(cmd)}: no exit after {timeout} s; kernel stack:\n{stack}\n"
-                             f"{out[-4000:]}\n{err[-2000:]}") from None
-    proc = subprocess.CompletedProcess(cmd, p.returncode, out, err)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)}: exit {proc.returncode}\n{proc.stdout[-4000:]}\n"
-                             f"{proc.stderr[-4000:]}")
-    return proc
+    return served.run(*cmd, timeout=timeout, check=check, cwd=None)
 
 
 def _fmt(dev: str) -> tuple[int, int, int, str]:
@@ -135,7 +57,7 @@ def test_v4l2_compliance_streaming(daemon, role, record_property):
     dev = daemon[role]
     proc = run("v4l2-compliance", "-d", dev, "-s", timeout=float(os.environ.get("IMPV4L2_VM_COMPLIANCE_TIMEOUT", "400")), check=False)
     out = proc.stdout + proc.stderr
-    (_outdir() / f"compliance-{Path(dev).name}.txt").write_text(out)
+    (_outdir() / f"compliance-{role}-{served.CURRENT.topology}.txt").write_text(out)
     m = TOTAL_RE.search(proc.stdout)
     assert m, out[-4000:]
     total, ok, failed, warnings = map(int, m.group(3, 4, 5, 6))

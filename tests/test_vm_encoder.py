@@ -1,12 +1,13 @@
-"""v4l2-compliance on the M2M encoder node served as a real CUSE character device (VM only)."""
+"""v4l2-compliance on the M2M encoder node of the daemon as `impv4l2 serve` starts it: a real CUSE
+character device beside the FUSE mount (VM only)."""
 
 from __future__ import annotations
 
 import os
 import re
 import subprocess
-import time
 
+import impv4l2_tests_vm_served as served
 import pytest
 
 pytestmark = pytest.mark.vm
@@ -17,30 +18,9 @@ TOTAL_RE = re.compile(r"^Total for (\S+) device (\S+): (\d+), Succeeded: (\d+), 
 
 @pytest.fixture(scope="module")
 def cuse_encoder():
-    from impv4l2.driver import load_backend
-    from impv4l2.fuse import CuseServer
-    from impv4l2.v4l2.encoder import EncoderNode
-
-    backend = load_backend("sim")
-    name = next(f"video{n}" for n in range(60, 100) if not os.path.exists(f"/dev/video{n}"))
-    node = EncoderNode(name, backend)
-    srv = CuseServer(node)
-    srv.start()
-    from impv4l2.shim import ShimServer
-    shim = ShimServer()  # lets `impv4l2 run` clients mmap the CUSE node
-    shim.start()
-    shim.attach(node, rdev=os.makedev(*srv.devnum))
-    dev = f"/dev/{name}"
-    deadline = time.monotonic() + 10
-    while not os.path.exists(dev) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        yield dev
-    finally:
-        shim.stop()
-        srv.stop()
-        node.close()
-        backend.close()
+    """The encoder's CUSE node of plain `impv4l2 serve` (CUSE nodes, the FUSE mount, the shim)."""
+    with served.serving("default", "encoder", ("encoder",)) as d:
+        yield d.nodes["encoder"]
 
 
 def _compliance(dev: str, *args: str) -> tuple[str, tuple[int, int, int, int]]:

@@ -1,13 +1,12 @@
 """The preload shim on real CUSE nodes (VM): unmodified mmap clients through `impv4l2 run`.
 
-One daemon (sim backend, CUSE on) serves the module; clients are the real
+One daemon, started as plain `impv4l2 serve` (CUSE nodes and the FUSE mount), serves the module; clients are the real
 ffmpeg, v4l2-ctl and v4l2-compliance, plus a small linuxpy-free client that
 checks its mapping IS the driver's memfd (zero copies).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -16,6 +15,7 @@ import textwrap
 import types
 from pathlib import Path
 
+import impv4l2_tests_vm_served as served
 import pytest
 
 pytestmark = pytest.mark.vm
@@ -34,58 +34,21 @@ KNOWN_TOOL_FAILS = {"encoder": ("node->function != MEDIA_ENT_F_PROC_VIDEO_ENCODE
 # v4l2-compliance streams: it then warns about sequence number gaps.
 TOLERATED_WARNINGS = ("sequence number",)
 
-# The daemon as `impv4l2 serve` builds it; until daemon.py starts the shim
-# server itself (Daemon.shim), this script adds exactly the lines proposed for it.
-SERVE = r"""
-import json, logging, os, sys
-logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-from impv4l2 import config
-from impv4l2.daemon import Daemon
-cfg = config.Config()
-cfg.transport.cuse = "on"
-cfg.transport.mount = sys.argv[1]
-d = Daemon(cfg)
-d.start()
-if getattr(d, "shim", None) is None:
-    from impv4l2.shim import ShimServer
-    d.shim = ShimServer()
-    d.shim.start()
-    for srv in d.cuse:
-        d.shim.attach(srv.device, rdev=os.makedev(*srv.devnum))
-sizes = {"main": (cfg.main.width, cfg.main.height), "sub": (cfg.sub.width, cfg.sub.height)}
-print(json.dumps({role: [dev.name, *sizes.get(role, (0, 0))] for role, dev in d.nodes.items()}), flush=True)
-sys.stdin.read()
-d.stop()
-"""
-
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory):
-    if not os.path.exists("/dev/cuse"):
-        pytest.fail("no /dev/cuse in the VM (modprobe cuse failed?)")
-    tmp = tmp_path_factory.mktemp("shimd")
-    log = open(tmp / "daemon.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-c", SERVE, ""], cwd=ROOT, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=log, text=True)
-    line = proc.stdout.readline()
-    if not line:
-        proc.wait(timeout=30)
-        log.seek(0)
-        pytest.fail(f"daemon did not start:\n{log.read()[-3000:]}")
-    nodes = {role: (name, w, h) for role, (name, w, h) in json.loads(line).items()}
-    for name, _, _ in nodes.values():
-        subprocess.run(["udevadm", "settle", "--timeout=30"], check=False)
-        assert os.path.exists(f"/dev/{name}"), f"/dev/{name} missing"
-    yield types.SimpleNamespace(nodes=nodes, log=log)
-    proc.stdin.close()
-    proc.wait(timeout=30)
-    log.close()
+def daemon():
+    """Plain `impv4l2 serve` (CUSE nodes, the FUSE mount, the shim server); nodes: role -> (name, w, h)."""
+    from impv4l2 import config
+
+    cfg = config.Config()
+    with served.serving("default", "shim") as d:
+        sizes = {"main": (cfg.main.width, cfg.main.height), "sub": (cfg.sub.width, cfg.sub.height)}
+        nodes = {role: (Path(dev).name, *sizes.get(role, (0, 0))) for role, dev in d.nodes.items()}
+        yield types.SimpleNamespace(nodes=nodes, served=d)
 
 
 def daemon_log(d) -> str:
-    d.log.flush()
-    d.log.seek(0)
-    return d.log.read()
+    return d.served.text()
 
 
 def counters(raw: bytes, w: int, h: int) -> list[int]:

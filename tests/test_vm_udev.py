@@ -66,7 +66,10 @@ class DummyDevice:
     def open(self, caller):
         return DummyHandle()
 
-    def set_waker(self, wake):
+    def add_waker(self, wake):
+        pass
+
+    def remove_waker(self, wake):
         pass
 
 

@@ -58,7 +58,7 @@ class CuseServer(Server):
     def start(self, timeout: float = 5.0) -> None:
         """Open /dev/cuse, create the device, return once /dev/<name> has a number."""
         self._fd = os.open("/dev/cuse", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        self.device.set_waker(self._waker(self._node))
+        self._attach(self._node)
         self._start_loop(f"impv4l2-cuse:{self.devname}")
         deadline = time.monotonic() + timeout
         if not self._init_done.wait(timeout) or self._init_error:
@@ -90,7 +90,7 @@ class CuseServer(Server):
         """
         if self._fd >= 0 and self._thread and self._thread.is_alive() and not self._node.removed:
             self._node.removed = True
-            self._waker(self._node)()
+            self._node.wake()
             deadline = time.monotonic() + 0.2
             seen = -1
             while seen != self.requests and time.monotonic() < deadline:
@@ -101,6 +101,7 @@ class CuseServer(Server):
             os.eventfd_write(self._evfd, 1)
         if self._thread and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        self._detach_waker(self._node)
         self._close_fds()
 
     def __enter__(self) -> "CuseServer":

@@ -24,6 +24,7 @@ ioctl's reply; stores requested from other threads are written right there.
 from __future__ import annotations
 
 import errno
+import grp
 import logging
 import os
 import queue
@@ -68,6 +69,14 @@ def cleanup_stale(mountpoint: str) -> int:
     return n
 
 
+def _group_id(group: str) -> int:
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        log.warning("no group %r: FUSE files get the daemon's group %d", group, os.getgid())
+        return os.getgid()
+
+
 class FuseMount(Server):
     """A FUSE mount serving one regular file per :class:`fileops.Device`.
 
@@ -77,11 +86,16 @@ class FuseMount(Server):
 
     kind = "fuse"
 
-    def __init__(self, mountpoint: str = "/run/impv4l2", *, mmap_mode: str = "auto"):
+    def __init__(self, mountpoint: str = "/run/impv4l2", *, mmap_mode: str = "auto",
+                 group: str = "video", file_mode: int = 0o660):
         super().__init__()
         if mmap_mode not in MODES:
             raise ValueError(f"mmap_mode must be one of {MODES}")
         self.mountpoint = os.path.abspath(mountpoint)
+        # The same access as the CUSE nodes' udev rule (root:video 0660); the kernel
+        # enforces it (default_permissions), so no request of a stranger reaches us.
+        self.file_mode = file_mode
+        self.gid = _group_id(group)
         self.requested_mode = mmap_mode
         self.mmap_mode = mmap_mode
         self._lock = threading.Lock()
@@ -120,7 +134,7 @@ class FuseMount(Server):
         cleanup_stale(self.mountpoint)
         os.makedirs(self.mountpoint, exist_ok=True)
         self._fd = os.open("/dev/fuse", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        opts = f"fd={self._fd},rootmode=40000,user_id={os.getuid()},group_id={os.getgid()},allow_other"
+        opts = f"fd={self._fd},rootmode=40000,user_id={os.getuid()},group_id={os.getgid()},allow_other,default_permissions"
         try:
             sysapi.mount("impv4l2", self.mountpoint, "fuse.impv4l2", sysapi.MS_NOSUID | sysapi.MS_NODEV, opts)
         except OSError:
@@ -178,7 +192,7 @@ class FuseMount(Server):
             self._next_nodeid += 1
             self._nodes[node.nodeid] = node
             self._by_name[node.name] = node
-        device.set_waker(self._waker(node))
+        self._attach(node)
         self._attach_hooks(node)
         log.info("%s: added %s", self.mountpoint, node.name)
         return os.path.join(self.mountpoint, node.name)
@@ -191,10 +205,11 @@ class FuseMount(Server):
             raise FileNotFoundError(errno.ENOENT, f"{name} not served")
         node.removed = True
         self._detach(node)
-        self._waker(node)()   # parked requests end with ENODEV, pollers see POLLHUP
+        node.wake()   # parked requests end with ENODEV, pollers see POLLHUP
         log.info("%s: removed %s", self.mountpoint, name)
 
     def _detach(self, node: Node) -> None:
+        self._detach_waker(node)
         if node.hooks:
             mem = node.device.memory
             if mem is not None and hasattr(mem, "remove_sync_hooks"):
@@ -341,7 +356,7 @@ class FuseMount(Server):
         node.retrieve_parts[key] -= 1
         if node.retrieve_parts[key] <= 0 and key in node.retrieves:
             node.retrieves[key] = True
-            self._waker(node)()
+            node.wake()
 
     # ----- INIT -----------------------------------------------------------------------------
 
@@ -407,7 +422,7 @@ class FuseMount(Server):
         mem = node.device.memory
         size = mem.size if mem is not None else 0
         return P.ATTR.pack(node.nodeid, size, (size + 511) // 512, self._t0, self._t0, self._t0, 0, 0, 0,
-                           stat.S_IFREG | 0o666, 1, os.getuid(), os.getgid(), 0, 4096)
+                           stat.S_IFREG | self.file_mode, 1, os.getuid(), self.gid, 0, 4096)
 
     def _name_of(self, nodeid: int) -> str:
         node = self._nodes.get(nodeid)

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import struct
 
+from .. import ioc as _ioc
+from ..ioc import NATIVE
+
 KERNEL_MAJOR = 7
 MIN_MINOR = 22          # Linux 3.10
 MAX_MINOR = 45          # newest we know about; we answer min(kernel's, ours)
@@ -68,23 +71,16 @@ IOCTL_MAX_IOV = 256
 
 POLL_SCHEDULE_NOTIFY = 1 << 0
 
-# /dev/fuse ioctls: FUSE_DEV_IOC_BACKING_OPEN = _IOW(229, 1, struct fuse_backing_map).
-DEV_IOC_BACKING_OPEN = 0x4010E501
-DEV_IOC_BACKING_CLOSE = 0x4004E502
+# /dev/fuse ioctls: FUSE_DEV_IOC_BACKING_OPEN = _IOW(229, 1, struct fuse_backing_map),
+# FUSE_DEV_IOC_BACKING_CLOSE = _IOW(229, 2, uint32_t).
+DEV_IOC_BACKING_OPEN = NATIVE.IOW(229, 1, 16)
+DEV_IOC_BACKING_CLOSE = NATIVE.IOW(229, 2, 4)
 
-# _IOC decoding (asm-generic; x86/ARM).  Numbers are unsigned 32-bit.
-IOC_NRBITS, IOC_TYPEBITS, IOC_SIZEBITS = 8, 8, 14
-IOC_SIZESHIFT = 16
-IOC_DIRSHIFT = 30
-IOC_WRITE, IOC_READ = 1, 2
-
-
-def ioc_dir(cmd: int) -> int:
-    return (cmd >> IOC_DIRSHIFT) & 3
-
-
-def ioc_size(cmd: int) -> int:
-    return (cmd >> IOC_SIZESHIFT) & ((1 << IOC_SIZEBITS) - 1)
+# A request's _IOC_DIR/_IOC_SIZE in the running machine's encoding (impv4l2.ioc):
+# the kernel copies by the same bits.  Numbers are unsigned 32-bit.
+IOC_WRITE, IOC_READ = _ioc.WRITE, _ioc.READ
+ioc_dir = NATIVE.dir_flags
+ioc_size = NATIVE.size
 
 
 # Wire structs.

@@ -64,6 +64,7 @@ class Node:
         self.hooks: tuple | None = None
         self.retrieves: dict[tuple[int, int], bool] = {}  # (offset, len) -> done
         self.retrieve_parts: dict[tuple[int, int], int] = {}  # replies still expected
+        self.wake: Callable[[], None] = lambda: None  # this transport's waker (Server.attach)
 
 
 class Parked:
@@ -373,6 +374,14 @@ class Server:
             return e.errno or errno.EIO
 
     # ----- waking -------------------------------------------------------------------------
+
+    def _attach(self, node: Node) -> None:
+        """Start taking the device's wake-ups for ``node`` (beside other transports')."""
+        node.wake = self._waker(node)
+        node.device.add_waker(node.wake)
+
+    def _detach_waker(self, node: Node) -> None:
+        node.device.remove_waker(node.wake)
 
     def _waker(self, node: Node) -> Callable[[], None]:
         def wake() -> None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import struct
 
+from ..ioc import NATIVE
+
 MAGIC = b"impv4l2\0"
 VERSION = 2  # 2: VIDIOC_IMPV4L2_SHIM_MMAP (a v1 shim would map freed/USERPTR offsets)
 FLAG_READONLY = 1  # reply flag: the memfd was sent read-only
@@ -25,16 +27,10 @@ FLAG_READONLY = 1  # reply flag: the memfd was sent read-only
 INFO = struct.Struct("<8sIIQQII32s108s12x")
 assert INFO.size == 192
 
-_IOC_WRITE, _IOC_READ = 1, 2
 BASE_VIDIOC_PRIVATE = 192
 
-
-def _ioc(direction: int, nr: int, size: int) -> int:
-    return (direction << 30) | (size << 16) | (ord("V") << 8) | nr
-
-
-# _IOR('V', BASE_VIDIOC_PRIVATE + 40, struct impv4l2_shim_info)
-VIDIOC_IMPV4L2_SHIM_INFO = _ioc(_IOC_READ, BASE_VIDIOC_PRIVATE + 40, INFO.size)
+# _IOR('V', BASE_VIDIOC_PRIVATE + 40, struct impv4l2_shim_info), in the running machine's encoding
+VIDIOC_IMPV4L2_SHIM_INFO = NATIVE.IOR("V", BASE_VIDIOC_PRIVATE + 40, INFO.size)
 
 # struct impv4l2_shim_mmap: offset length (in) prot (in: PROT_*) error (out: 0
 # or the errno vb2_mmap gives) info (out: struct impv4l2_shim_info) — 216 bytes.
@@ -42,7 +38,7 @@ MMAP_REQ = struct.Struct("<QQIi")
 MMAP_SIZE = MMAP_REQ.size + INFO.size
 assert MMAP_SIZE == 216
 # _IOWR('V', BASE_VIDIOC_PRIVATE + 41, struct impv4l2_shim_mmap)
-VIDIOC_IMPV4L2_SHIM_MMAP = _ioc(_IOC_READ | _IOC_WRITE, BASE_VIDIOC_PRIVATE + 41, MMAP_SIZE)
+VIDIOC_IMPV4L2_SHIM_MMAP = NATIVE.IOWR("V", BASE_VIDIOC_PRIVATE + 41, MMAP_SIZE)
 
 REQUEST = struct.Struct("<8sII32s")  # magic version reserved node[32]
 REPLY = struct.Struct("<iIQQ")  # error flags memory_size memory_id

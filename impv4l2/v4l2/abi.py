@@ -11,15 +11,14 @@ import ctypes
 
 from linuxpy.video import raw
 
-# ioctl numbers as the transport hands them to us (unsigned, 64-bit layout).
-VIDIOC: dict[str, int] = {name: int(v) & 0xFFFFFFFF for name, v in raw.IOC.__members__.items()
+from ..ioc import GENERIC, NATIVE
+
+# ioctl numbers as the transport hands them to us: unsigned, with this process's struct sizes
+# (ctypes), in the running machine's _IOC encoding — linuxpy builds asm-generic numbers only.
+VIDIOC: dict[str, int] = {name: NATIVE.recode(int(v), GENERIC) for name, v in raw.IOC.__members__.items()
                           if not name.startswith("SUBDEV_")}
 IOCTL_NAMES: dict[int, str] = {v: "VIDIOC_" + k for k, v in VIDIOC.items()}
-
-
-def ioc_size(cmd: int) -> int:
-    """_IOC_SIZE for the asm-generic (x86/arm) encoding: 14 bits at 16."""
-    return (cmd >> 16) & 0x3FFF
+ioc_size = NATIVE.size  # _IOC_SIZE in the running machine's encoding
 
 
 def ioctl_name(cmd: int) -> str:

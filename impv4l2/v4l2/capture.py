@@ -168,6 +168,7 @@ class CaptureNode(Node):
         self.queues[CAP] = self.queue
         self.queue.on_start = self._start
         self.queue.on_stop = self._stop
+        self.queue.wake = self.wake  # every transport's waker, not one captured now
         self._update_sizes()
         self.sink = CaptureSink(self)
 

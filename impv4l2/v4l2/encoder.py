@@ -880,15 +880,22 @@ class EncoderHandle(NodeHandle):
 
     # ------------------------------------------------------------ frame rate
 
+    # dev-encoder.rst: the frame rate is the OUTPUT (raw) queue's; the CAPTURE
+    # queue has a frame interval of its own only with ENC_CAP_FRAME_INTERVAL,
+    # which the AVPU lacks, so G/S_PARM(CAPTURE) is EINVAL (as vicodec).
+    def _parm_type(self, t: int) -> None:
+        if not self._check(t):
+            raise OSError(errno.EINVAL, "G/S_PARM: the coded (CAPTURE) queue has no frame interval of its own")
+
     @table.ioctl("G_PARM", abi.v4l2_streamparm)
     def _g_parm(self, s, mem):
-        self._check(s.type)
+        self._parm_type(s.type)
         self._fill_parm(s)
 
     @table.ioctl("S_PARM", abi.v4l2_streamparm, prio=True)
     def _s_parm(self, s, mem):
-        is_out = self._check(s.type)
-        tpf = (s.parm.output if is_out else s.parm.capture).timeperframe
+        self._parm_type(s.type)
+        tpf = s.parm.output.timeperframe
         if tpf.numerator and tpf.denominator:
             fps = fractions.Fraction(tpf.denominator, tpf.numerator)
             self.ctx.fps = min(max(fps, fractions.Fraction(1)), fractions.Fraction(MAX_FPS))
@@ -898,7 +905,7 @@ class EncoderHandle(NodeHandle):
         t = s.type
         abi.zero(s)
         s.type = t
-        p = s.parm.output if t in OUTPUT_TYPES else s.parm.capture
+        p = s.parm.output
         p.capability = abi.Cap.TIMEPERFRAME
         p.timeperframe.numerator = self.ctx.fps.denominator
         p.timeperframe.denominator = self.ctx.fps.numerator

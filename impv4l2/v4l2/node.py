@@ -19,7 +19,7 @@ import threading
 from mmap import PROT_READ, PROT_WRITE
 from typing import Callable, Iterable
 
-from ..fileops import POLLERR, POLLIN, POLLPRI, POLLRDNORM, Caller, NeedMemory, WouldBlock
+from ..fileops import POLLERR, POLLIN, POLLPRI, POLLRDNORM, Caller, NeedMemory, Wakers, WouldBlock
 from ..memfd import MemfdMemory
 from ..shim import server as shim_server
 from . import abi
@@ -54,19 +54,22 @@ class Node:
         self.queues: dict[int, BufferQueue] = {}
         self._prio_count = {p: 0 for p in VALID_PRIOS}
         self._lock = threading.Lock()
-        self._wake: Callable[[], None] = lambda: None
+        # Every transport serving this node (CUSE and the FUSE mount) adds its
+        # waker; queues and events call self.wake, which calls them all.
+        self.wakers = Wakers()
         self.log = logging.LoggerAdapter(log, {"node": name})
         controls.add_listener(self._control_changed)
 
     # ------------------------------------------------------------ fileops.Device
 
-    def set_waker(self, wake: Callable[[], None]) -> None:
-        self._wake = wake
-        for q in self.queues.values():
-            q.wake = wake
+    def add_waker(self, wake: Callable[[], None]) -> None:
+        self.wakers.add(wake)
+
+    def remove_waker(self, wake: Callable[[], None]) -> None:
+        self.wakers.remove(wake)
 
     def wake(self) -> None:
-        self._wake()
+        self.wakers()
 
     def open(self, caller: Caller) -> "NodeHandle":
         h = self.handle_class(self, caller)

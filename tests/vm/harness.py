@@ -15,7 +15,7 @@ Environment:
   IMPV4L2_SKIP_VM=1      host: do not boot; vm tests are reported as skipped (otherwise a VM that
                          cannot boot FAILS every vm test with the reason)
   IMPV4L2_VM_KERNEL      host: kernel image to boot (default: newest /boot/vmlinuz-6.1.0-*-amd64)
-  IMPV4L2_VM_TIMEOUT     host: seconds for the whole VM run (default 900)
+  IMPV4L2_VM_TIMEOUT     host: seconds for the whole VM run (default 1500)
   IMPV4L2_VM_KVM=1       host: let QEMU use KVM (default off: nested KVM does not work here)
 Every other IMPV4L2_* variable of the host (e.g. IMPV4L2_TEST_TIMEOUT) is passed into the guest.
 """
@@ -173,16 +173,17 @@ class VMRun:
         self.exit_status: int | None = None
         self.seconds = 0.0
         self.release = ""
-        self.timeout = float(os.environ.get("IMPV4L2_VM_TIMEOUT", "900"))
+        self.timeout = float(os.environ.get("IMPV4L2_VM_TIMEOUT", "1500"))
         self.done = False
 
-    def command(self, vng: str, image: str) -> list[str]:
+    def command(self, vng: str, image: str, extra_env: dict[str, str] | None = None) -> list[str]:
         files = sorted({nid.split("::", 1)[0] for nid in self.nodeids})
         guest_pytest = ["-m", "vm", "-p", "no:cacheprovider", "-v", "-rfEsx", "--color=no",
                         f"--rootdir={self.rootdir}", *files]
         # the guest starts with a bare environment: hand over the project's own knobs
         knobs = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("IMPV4L2_")
                  and k not in ("IMPV4L2_IN_VM", "IMPV4L2_SKIP_VM") and not k.startswith("IMPV4L2_VM_")]
+        knobs += [f"{k}={v}" for k, v in sorted((extra_env or {}).items())]
         guest_cmd = shlex.join(["env", *knobs, "bash", str(GUEST_SCRIPT), str(self.outdir),
                                 sys.executable, *guest_pytest])
         cmd = [vng, "--run", image, "--memory", "2G", "--cpus", "2",
@@ -211,7 +212,13 @@ class VMRun:
         self.outdir = Path(tempfile.mkdtemp(prefix="impv4l2-vm-"))
         self.log = self.outdir / "vm.log"
         (self.outdir / SELECT).write_text("\n".join(self.nodeids) + "\n")
-        cmd = self.command(vng, image)
+        # v4l-utils 1.30 for the guest (tests/vm/chroots.py), built once per machine
+        chroots = sys.modules["impv4l2_tests_vm_chroots"]
+        trixie = chroots.ensure_trixie(self.rootdir)
+        extra = {chroots.TRIXIE_ENV: str(trixie)} if isinstance(trixie, Path) else {}
+        if not extra:
+            print(f"impv4l2 VM stage: no v4l-utils 1.30 chroot: {trixie}", file=sys.stderr)
+        cmd = self.command(vng, image, extra)
         env = dict(os.environ, PATH=f"{Path(vng).parent}:{os.environ.get('PATH', '')}")
         start = time.monotonic()
         with open(self.log, "wb") as log:

@@ -1,0 +1,95 @@
+"""The daemon after kill -9 (host, FUSE only): the next start removes its own stale mount and
+/dev/videoN links, never another program's, and serves the same node numbers."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from impv4l2.daemon import remove_stale_links
+
+pytestmark = pytest.mark.root
+IMPV4L2 = [sys.executable, "-m", "impv4l2.cli"]
+SERVING = re.compile(r"serving (.*) with backend")
+
+
+def test_remove_stale_links_only_ours(tmp_path):
+    dev, mount = tmp_path / "dev", "/run/impv4l2-test"
+    dev.mkdir()
+    (dev / "video12").symlink_to(f"{mount}/video12")        # ours
+    (dev / "video13").symlink_to("/elsewhere/video13")       # another program's link
+    (dev / "video14").symlink_to(f"{mount}/video15")         # not the shape we make
+    (dev / "video16").write_text("")                         # not a link
+    assert remove_stale_links(mount, str(dev)) == [str(dev / "video12")]
+    assert sorted(p.name for p in dev.iterdir()) == ["video13", "video14", "video16"]
+    assert remove_stale_links("", str(dev)) == []
+
+
+def _free_base() -> int:
+    for base in range(40, 90, 5):
+        if not any(os.path.lexists(f"/dev/video{n}") for n in range(base, base + 5)):
+            return base
+    pytest.skip("no free /dev/videoN range")
+
+
+def _start(cfg: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([*IMPV4L2, "--config", str(cfg), "serve"], stdout=open(log, "ab"),
+                            stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
+
+
+def _serving(proc: subprocess.Popen, log: Path, count: int) -> str:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        found = SERVING.findall(log.read_text())
+        if len(found) >= count:
+            return found[count - 1]
+        assert proc.poll() is None, log.read_text()
+        time.sleep(0.1)
+    pytest.fail("daemon not serving:\n" + log.read_text())
+
+
+def test_kill9_then_restart_keeps_node_numbers(tmp_path):
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("needs /dev/fuse")
+    base, mount = _free_base(), tmp_path / "mnt"
+    cfg, log = tmp_path / "impv4l2.toml", tmp_path / "daemon.log"
+    cfg.write_text(textwrap.dedent(f"""
+        [main]
+        width = 640
+        height = 360
+        [nodes]
+        base = {base}
+        [transport]
+        cuse = "off"
+        mount = "{mount}"
+    """))
+    first = _start(cfg, log)
+    try:
+        nodes = _serving(first, log, 1)
+        link = f"/dev/video{base + 2}"
+        assert "(encoder)" in nodes and f"video{base + 2} (encoder)" in nodes, nodes
+        assert os.readlink(link) == f"{mount}/video{base + 2}"
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        assert os.path.islink(link)  # left behind by the dead run
+        second = _start(cfg, log)
+        try:
+            assert _serving(second, log, 2) == nodes  # the same numbers
+            assert "removed stale link" in log.read_text()
+            assert os.readlink(link) == f"{mount}/video{base + 2}"
+            assert (mount / f"video{base}").exists()  # the new mount serves
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second.wait(20)
+        assert not os.path.lexists(link), "SIGTERM removes the link"
+    finally:
+        if first.poll() is None:
+            first.kill()
