@@ -34,7 +34,7 @@ def _load_vm_module(stem: str):
 
 
 _load_vm_module("chroots")  # newer conformance tools (tests/vm/chroots.py), used by the harness
-_load_vm_module("served")  # the real daemon for vm tests (tests/vm/served.py)
+served = _load_vm_module("served")  # the real daemon for vm tests (tests/vm/served.py)
 harness = _load_vm_module("harness")
 _VM_RUN = pytest.StashKey["object"]()
 
@@ -77,6 +77,8 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem):
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
+    if harness.IN_VM and getattr(getattr(item, "module", None), "served", None) is not served:
+        served.stop_shared()  # a module with nodes of its own: no shared daemon beside it
     if item.get_closest_marker("root") is None or isinstance(item, harness.VMProxyItem):
         return
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):

@@ -495,3 +495,33 @@ def test_poll(node, frames):
     mask = c.h.poll()
     assert mask & POLLOUT and not mask & POLLERR
     c.close()
+
+
+def test_eos_is_pending_when_the_last_buffer_is_done(node, frames):
+    """A client woken by the LAST buffer (POLLIN) must see the EOS event in the same poll:
+    the event is posted before the buffer is done (v4l2-compliance 1.30 'MMAP (select)':
+    !got_eos && !got_source_change, the race allegro-dvt had)."""
+    c = M2MClient(node, W, H, n_out=2, n_cap=2)
+    sub = abi.v4l2_event_subscription()
+    sub.type = abi.EventType.EOS
+    ioctl(c.h, "SUBSCRIBE_EVENT", sub)
+    c.streamon()
+    seen = []
+    q = c.h.ctx.cap_q
+    done = q.done
+
+    def checked_done(buf, *args, **kw):
+        flags = args[3] if len(args) > 3 else kw.get("flags", 0)
+        if flags & BF.LAST:
+            seen.append(c.h.events.has_pending())
+        return done(buf, *args, **kw)
+
+    q.done = checked_done
+    c.queue_out(0, frames[0], 0)
+    c.queue_cap(0)
+    c.queue_cap(1)
+    c.encoder_cmd(1)
+    while not c.dqbuf(c.cap_t)[0].flags & BF.LAST:
+        pass
+    assert seen == [True]
+    c.close()

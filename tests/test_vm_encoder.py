@@ -55,24 +55,11 @@ def test_v4l2_compliance_encoder(cuse_encoder, record_property):
     assert failed <= len(KNOWN_TOOL_FAILS)
 
 
-def test_v4l2_compliance_encoder_streaming(cuse_encoder, record_property):
-    # -s streams with MMAP; a CUSE node cannot mmap (design.md §3) without the
-    # preload shim, so the streaming part is recorded, not required.
-    out, (total, ok, failed, warnings) = _compliance(cuse_encoder, "-s")
-    print(out[out.find("Test input"):] if "Test input" in out else out)
-    record_property("encoder_compliance_streaming", f"{total} tests, {failed} failed")
-    fails = [f for f in _failures(out) if not any(k in f for k in KNOWN_TOOL_FAILS)]
-    print("streaming failures:\n" + "\n".join(fails))
-    # the non-streaming part passes; streaming failures are only mmap's (ENODEV on CUSE)
-    head = out.split("Test input")[0]
-    assert not [f for f in _failures(head) if not any(k in f for k in KNOWN_TOOL_FAILS)], head[-4000:]
-
-
 def test_v4l2_compliance_encoder_streaming_with_shim(cuse_encoder, record_property):
     """-s through `impv4l2 run` (the preload shim gives the CUSE node mmap)."""
     import sys
     proc = subprocess.run([sys.executable, "-m", "impv4l2.cli", "run", "--", "v4l2-compliance",
-                           "-d", cuse_encoder, "-s"], capture_output=True, text=True, timeout=600,
+                           "-d", cuse_encoder, *served.COMPLIANCE_STREAMING], capture_output=True, text=True, timeout=600,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     m = TOTAL_RE.search(proc.stdout)
     assert m, proc.stdout[-4000:] + proc.stderr[-3000:]

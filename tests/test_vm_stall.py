@@ -26,6 +26,7 @@ pytestmark = pytest.mark.vm
 CLIENT = str(Path(__file__).resolve().parent / "clients" / "stream.py")
 FRAMES = 300
 REPEATS = 2
+SIZES = {"main": (1920, 1080), "sub": (640, 360)}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,8 @@ def daemon():
 @pytest.mark.parametrize("role", ["sub", "main"])
 def test_cuse_node_streams_300_frames(daemon, role, mode, attempt):
     dev = daemon.nodes[role]
-    cmd = [sys.executable, CLIENT, mode, dev, str(FRAMES)]
+    w, h = SIZES[role]
+    cmd = [sys.executable, CLIENT, mode, dev, str(FRAMES), str(w), str(h)]  # NV12 at the channel size
     if mode == "mmap":
         cmd = [*served.RUN, *cmd]  # a CUSE node has no mmap: the preload shim maps the memfd
     r = served.run(*cmd, timeout=240)

@@ -308,6 +308,15 @@ class Server:
     def label(self) -> str:
         return self.kind
 
+    @property
+    def parked_count(self) -> int:
+        """Requests waiting for a device wake-up."""
+        return len(self._parked)
+
+    @property
+    def open_files(self) -> int:
+        return len(self._files)
+
     def _dispatch(self, mv: memoryview, n: int) -> None:
         if n < P.IN_HEADER.size:
             log.warning("%s: short request of %d bytes ignored", self.label, n)

@@ -606,17 +606,17 @@ class EncoderContext:
         seq, self.cap_seq = self.cap_seq, self.cap_seq + 1
         cb.field = field
         if last:
+            # EOS is pending before the LAST buffer is done: a client woken by the buffer
+            # (POLLIN) must find the event too (the allegro-dvt race v4l2-compliance catches).
             flags |= BF.LAST
-        self.cap_q.done(cb, n, seq, ts, flags)
-        if last:
             with self.cv:
                 if self.state == EncState.DRAINING:
                     self.state = EncState.STOPPED
             ev = abi.v4l2_event()
             ev.type = abi.EventType.EOS
-            if self.handle.events.post(ev):
-                self.node.wake()
+            self.handle.events.post(ev)
             self.log.debug("%s: drained (LAST + EOS)", self.tag)
+        self.cap_q.done(cb, n, seq, ts, flags)  # wakes the transports
 
     # ------------------------------------------------------------ teardown
 
@@ -720,7 +720,13 @@ class EncoderHandle(NodeHandle):
         return (self.ctx.out_q, self.ctx.cap_q)  # this session's, as v4l2_m2m_mmap
 
     def poll(self) -> int:
-        mask = POLLPRI if self.events.has_pending() else 0
+        mask = self._buffer_mask()
+        # events after buffers (as v4l2_m2m_poll since the allegro fix): EOS is posted before
+        # the LAST buffer is done, so a LAST seen here comes with its EOS
+        return mask | (POLLPRI if self.events.has_pending() else 0)
+
+    def _buffer_mask(self) -> int:
+        mask = 0
         ctx = self.ctx
         if ctx.fatal:
             return mask | POLLERR

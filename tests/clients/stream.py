@@ -1,10 +1,10 @@
 """A V4L2 capture client in its own process, for any door (FUSE file or CUSE node).
 
-    python tests/clients/stream.py MODE PATH FRAMES
+    python tests/clients/stream.py MODE PATH FRAMES [WIDTH HEIGHT]
 
 MODE is ``read`` (blocking read()), ``userptr`` or ``mmap`` (blocking DQBUF,
 4 buffers; ``mmap`` needs a door with mmap: a FUSE file or the preload shim).
-Every frame must be complete (bytesused == sizeimage) and, for NV12 from the
+With WIDTH and HEIGHT the format is first set to NV12 of that size.  Every frame must be complete (bytesused == sizeimage) and, for NV12 from the
 sim, carry a burned-in frame counter larger than the one before.  Prints
 ``OK <frames> <bytes>`` or ``ERR <errno name> <frames>``; exits 1 on a bad frame.
 """
@@ -98,6 +98,10 @@ def main() -> None:
     f = raw.v4l2_format()
     f.type = CAP
     ioc(fd, "G_FMT", f)
+    if len(sys.argv) > 5:
+        f.fmt.pix.width, f.fmt.pix.height = int(sys.argv[4]), int(sys.argv[5])
+        f.fmt.pix.pixelformat, f.fmt.pix.bytesperline = abi.PixelFormat.NV12, 0
+        ioc(fd, "S_FMT", f)
     chk = Checker(f.fmt.pix)
     try:
         if mode == "read":

@@ -1,5 +1,8 @@
-"""The daemon after kill -9 (host, FUSE only): the next start removes its own stale mount and
-/dev/videoN links, never another program's, and serves the same node numbers."""
+"""The daemon's life and death with clients attached (host, FUSE door).
+
+After kill -9 the next start removes its own stale mount and /dev/videoN links, never
+another program's, and serves the same node numbers; SIGTERM while an encoder client waits
+in a drain ends that client's call (LAST or an error), never a hang."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import json
 import textwrap
 import time
 from pathlib import Path
@@ -93,3 +97,38 @@ def test_kill9_then_restart_keeps_node_numbers(tmp_path):
     finally:
         if first.poll() is None:
             first.kill()
+
+
+def test_sigterm_during_an_encoder_drain_ends_the_wait(tmp_path):
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("needs /dev/fuse")
+    mount, cfg, log = tmp_path / "mnt", tmp_path / "impv4l2.toml", tmp_path / "daemon.log"
+    cfg.write_text(textwrap.dedent(f"""
+        [transport]
+        cuse = "off"
+        mount = "{mount}"
+        dev_links = false
+    """))
+    daemon = _start(cfg, log)
+    client = None
+    try:
+        nodes = _serving(daemon, log, 1)
+        enc = re.search(r"(video\d+) \(encoder\)", nodes).group(1)
+        client = subprocess.Popen([sys.executable, str(Path(__file__).parent / "clients" / "soak_client.py"),
+                                   "drain-parked", str(mount / enc), "0", "320", "240"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True,
+                                  env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+        assert client.stdout.readline().strip() == "draining", client.stderr.read()
+        time.sleep(0.5)  # the DQBUF is parked in the daemon now
+        assert client.poll() is None, "the drain ended by itself: nothing to test"
+        t0 = time.monotonic()
+        daemon.send_signal(signal.SIGTERM)
+        out, err = client.communicate(timeout=10)  # a hang fails here
+        res = json.loads(out)
+        assert res["result"] in ("LAST", "ENODEV"), (res, err)
+        assert time.monotonic() - t0 < 5
+        assert daemon.wait(20) == 0, log.read_text()
+    finally:
+        for p in (client, daemon):
+            if p is not None and p.poll() is None:
+                p.kill()
