@@ -33,7 +33,6 @@ from ..fileops import POLLERR, WouldBlock
 from . import abi
 from .codec_controls import H264_CONTROLS, RC_KEYS, STREAM_KEYS, CodecControl, CodecSettings
 from .controls import ControlSet, ControlView, isp_control_set
-from .dispatch import IoctlTable
 from .events import ctrl_event
 from .formats import CAPTURE_FORMATS, Converter, PixFormat, Produce, fill_pix, nearest_size
 from .node import Node, NodeHandle
@@ -435,8 +434,3 @@ class CaptureHandle(NodeHandle):
 
 
 CaptureNode.handle_class = CaptureHandle
-
-
-def capture_nodes(backend: Backend, first_minor: int = 10) -> list[CaptureNode]:
-    """One capture node per frame channel, named video<first_minor + index>."""
-    return [CaptureNode(f"video{first_minor + ch.index}", backend, ch) for ch in backend.channels]

@@ -332,7 +332,7 @@ class ControlView:
                 for i, (c, v) in enumerate(new):
                     try:
                         self.owner[c.id].apply(c, v, origin)
-                    except OSError as ex:
+                    except OSError:
                         s.error_idx = i
                         raise
         mem.write(addr, bytes(buf))

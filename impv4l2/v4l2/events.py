@@ -103,13 +103,5 @@ def ctrl_event(ctrl, value: int, changes: int) -> abi.v4l2_event:
     return ev
 
 
-def source_change_event(input_index: int = 0) -> abi.v4l2_event:
-    ev = abi.v4l2_event()
-    ev.type = abi.EventType.SOURCE_CHANGE
-    ev.id = input_index
-    ev.u.src_change.changes = abi.EVENT_SRC_CH_RESOLUTION
-    return ev
-
-
 def einval(msg: str) -> OSError:
     return OSError(errno.EINVAL, msg)

@@ -24,6 +24,8 @@ from typing import Callable
 import av
 import numpy as np
 
+from ..driver.base import Codec
+from ..memfd import page_align
 from . import abi
 
 
@@ -171,3 +173,40 @@ def _plane_dims(av_format: str, w: int, h: int) -> list[tuple[int, int]]:
     if av_format == "yuv420p":
         return [(w, h), (w // 2, h // 2), (w // 2, h // 2)]
     raise ValueError(av_format)
+
+
+# ---------------------------------------------------------------- the M2M encoder's formats
+
+@dataclasses.dataclass(frozen=True)
+class RawFormat:
+    """An OUTPUT (raw) format: one plane of width*height*3/2 bytes, stride = width."""
+
+    fourcc: int
+    description: str  # the kernel's v4l_fill_fmtdesc wording
+    backend: str  # EncoderParams.pixel_format
+
+    def layout(self, w: int, h: int) -> tuple[int, int]:
+        return w, w * h * 3 // 2
+
+
+@dataclasses.dataclass(frozen=True)
+class CodedFormat:
+    """A CAPTURE (coded) format."""
+
+    fourcc: int
+    description: str
+    codec: Codec
+
+    @staticmethod
+    def sizeimage_range(w: int, h: int) -> tuple[int, int]:
+        """(minimum accepted, default): the default holds a worst-case AU
+        (a raw frame's size plus headers); clients may ask down to half of it."""
+        raw = w * h * 3 // 2
+        return max(page_align(raw // 3), 64 << 10), page_align(raw + (16 << 10))
+
+
+RAW_FORMATS = (
+    RawFormat(PF.NV12, "Y/CbCr 4:2:0", "nv12"),
+    RawFormat(PF.YUV420, "Planar YUV 4:2:0", "yu12"),
+)
+CODED_FORMATS = (CodedFormat(PF.H264, "H.264", Codec.H264),)

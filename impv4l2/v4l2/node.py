@@ -11,7 +11,6 @@ and event ioctls, the buffer-queue ioctls and LOG_STATUS.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
