@@ -20,7 +20,8 @@ class Ioctl:
     name: str  # "VIDIOC_S_FMT"
     struct: type | None  # ctypes type laid over the argument bytes (zero copy)
     fn: Callable  # fn(handle, struct_or_None, mem) -> int | None
-    prio: bool  # refused with EBUSY when another handle holds a higher priority
+    prio: bool  # refused with EBUSY when another handle holds a higher priority (INFO_FL_PRIO)
+    always_copy: bool = False  # the struct goes back even on failure (INFO_FL_ALWAYS_COPY: error_idx)
 
 
 class IoctlTable:
@@ -35,14 +36,19 @@ class IoctlTable:
     def get(self, cmd: int) -> Ioctl | None:
         return self.entries.get(cmd)
 
-    def ioctl(self, name: str, struct: type | None = None, *, prio: bool = False):
-        """Decorator registering a handler method for VIDIOC_<name>."""
-        cmd = abi.VIDIOC[name]
+    def ioctl(self, name: str, struct: type | None = None, *, prio: bool = False,
+              always_copy: bool = False, cmd: int | None = None):
+        """Decorator registering a handler method for VIDIOC_<name>.
+
+        ``cmd`` gives the number of a driver-private ioctl (not in linuxpy's table); every
+        row's struct must be as large as the number says, private ones too.
+        """
+        cmd = abi.VIDIOC[name] if cmd is None else cmd
         if struct is not None:
             assert ctypes.sizeof(struct) == abi.ioc_size(cmd), (name, ctypes.sizeof(struct))
 
         def register(fn: Callable) -> Callable:
-            self.entries[cmd] = Ioctl(cmd, "VIDIOC_" + name, struct, fn, prio)
+            self.entries[cmd] = Ioctl(cmd, "VIDIOC_" + name, struct, fn, prio, always_copy)
             return fn
 
         return register

@@ -364,10 +364,6 @@ class EncoderHandle(NodeHandle):
                     q.view(buf)[:p.bytesused] = mem.read(p.userptr, p.bytesused)
             ctx.cv.notify()
 
-    @table.ioctl("STREAMOFF", abi.c_int, prio=True)
-    def _streamoff(self, s, mem):
-        self.queue(s.value).streamoff(self, s.value)
-
     # ------------------------------------------------------------ encoder commands
 
     @staticmethod

@@ -23,14 +23,12 @@ from ..memfd import MemfdMemory
 from ..shim import server as shim_server
 from . import abi
 from .controls import Control, ControlView
-from .dispatch import Ioctl, IoctlTable
+from .dispatch import IoctlTable
 from .events import EventQueue, ctrl_event
 from .queue import BufferQueue
 
 log = logging.getLogger("impv4l2.v4l2")
 
-# Ioctls whose struct goes back to the caller even when they fail.
-ALWAYS_COPY = frozenset(abi.VIDIOC[n] for n in ("G_EXT_CTRLS", "S_EXT_CTRLS", "TRY_EXT_CTRLS"))
 
 VALID_PRIOS = (abi.Priority.BACKGROUND, abi.Priority.INTERACTIVE, abi.Priority.RECORD)
 
@@ -170,7 +168,7 @@ class NodeHandle:
             level = logging.DEBUG if ex.errno in (errno.EINVAL, errno.ENOTTY, errno.EAGAIN) else logging.INFO
             log.log(level, "%s pid %d: %s: %s (%s)", node.name, self.caller.pid, e.name,
                     errno.errorcode.get(ex.errno or 0, ex.errno), ex.strerror)
-            if cmd in ALWAYS_COPY and ex.errno:
+            if e.always_copy and ex.errno:
                 # A negative result (not an error reply) makes the transport copy the struct
                 # back: the caller needs error_idx (the kernel's INFO_FL_ALWAYS_COPY).
                 return -ex.errno
@@ -287,15 +285,15 @@ class NodeHandle:
     def _s_ctrl(self, s, mem):
         self.controls.s_ctrl(s, self)
 
-    @table.ioctl("G_EXT_CTRLS", abi.v4l2_ext_controls)
+    @table.ioctl("G_EXT_CTRLS", abi.v4l2_ext_controls, always_copy=True)
     def _g_ext_ctrls(self, s, mem):
         self.controls.ext_ctrls("get", s, mem, self)
 
-    @table.ioctl("S_EXT_CTRLS", abi.v4l2_ext_controls, prio=True)
+    @table.ioctl("S_EXT_CTRLS", abi.v4l2_ext_controls, prio=True, always_copy=True)
     def _s_ext_ctrls(self, s, mem):
         self.controls.ext_ctrls("set", s, mem, self)
 
-    @table.ioctl("TRY_EXT_CTRLS", abi.v4l2_ext_controls)
+    @table.ioctl("TRY_EXT_CTRLS", abi.v4l2_ext_controls, always_copy=True)
     def _try_ext_ctrls(self, s, mem):
         self.controls.ext_ctrls("try", s, mem, self)
 
@@ -340,21 +338,15 @@ class NodeHandle:
             # CUSE nodes have no mmap: hint `impv4l2 run` once to a client without the shim.
             shim_server.note_mmap_client(self.node.name, self.caller.pid)
 
+    @table.ioctl("IMPV4L2_SHIM_INFO", shim_server.SHIM_INFO_STRUCT, cmd=shim_server.VIDIOC_IMPV4L2_SHIM_INFO)
     def _shim_info(self, s, mem):
         """Driver-private: how the preload shim gets this node's buffer memory."""
         return shim_server.shim_info_ioctl(self.node.name, s)
 
-    table.entries[shim_server.VIDIOC_IMPV4L2_SHIM_INFO] = Ioctl(
-        shim_server.VIDIOC_IMPV4L2_SHIM_INFO, "VIDIOC_IMPV4L2_SHIM_INFO",
-        shim_server.SHIM_INFO_STRUCT, _shim_info, False)
-
+    @table.ioctl("IMPV4L2_SHIM_MMAP", shim_server.SHIM_MMAP_STRUCT, cmd=shim_server.VIDIOC_IMPV4L2_SHIM_MMAP)
     def _shim_mmap(self, s, mem):
         """Driver-private: would vb2 let this file map s.length bytes at s.offset?"""
         return shim_server.shim_mmap_ioctl(self.node.name, s, self.mmap_check)
-
-    table.entries[shim_server.VIDIOC_IMPV4L2_SHIM_MMAP] = Ioctl(
-        shim_server.VIDIOC_IMPV4L2_SHIM_MMAP, "VIDIOC_IMPV4L2_SHIM_MMAP",
-        shim_server.SHIM_MMAP_STRUCT, _shim_mmap, False)
 
     def before_reqbufs(self, q: BufferQueue, s) -> None:
         """Hook: a node refreshes the queue's plane sizes from its format."""
