@@ -57,7 +57,10 @@ def test_known_abi_values(ns):
                                    "nalType": 20, "sliceType": 24, "sizeof": 32}
     fi = L(ns.IMPFrameInfo)
     assert (fi["virAddr"], fi["timeStamp"], fi["sizeof"]) == (28, 32, 40)
-    assert L(ns.IMPFrameInfo_116)["timeStamp"] == 40
+    # recorded from the vendor's T31 1.1.6 header (mipsel-linux-gnu-gcc -mabi=32, pahole and a
+    # static qemu-mipsel run agree): timeStamp @0x20 as in 1.1.1, rotate_osdflag @0x28, 48 bytes
+    f116 = L(structs.mips_o32.IMPFrameInfo_116)
+    assert (f116["timeStamp"], f116["rotate_osdflag"], f116["sizeof"]) == (0x20, 0x28, 0x30)
     fs = L(ns.IMPFSChnAttr)
     assert (fs["crop"], fs["scaler"], fs["outFrmRateNum"], fs["nrVBs"], fs["fcrop"], fs["sizeof"]) == \
         (12, 32, 44, 52, 60, 80)

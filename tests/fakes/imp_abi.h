@@ -3,7 +3,7 @@
  * cgrrty/Ingenic-SDK-T31-1.1.1-20200508.  Shared by the fake libimp and the
  * layout cross-check (compiled for the host and for mipsel o32).
  * The 1.1.6 ABI appends fields (IMPEncoderStream.isVI + info union,
- * IMPEncoderChnAttr.bEnableIvdc, IMPFrameInfo.direct_phyAddr): see *_116. */
+ * IMPEncoderChnAttr.bEnableIvdc, IMPFrameInfo.rotate_osdflag): see *_116. */
 #ifndef IMP_ABI_H
 #define IMP_ABI_H
 #include <stdint.h>
@@ -20,11 +20,11 @@ typedef struct {
     uint32_t priv[0];
 } IMPFrameInfo;
 
-typedef struct {        /* 1.1.6: direct_phyAddr inserted, timeStamp moves */
+typedef struct {        /* T31 1.1.6: timeStamp stays at 0x20, rotate_osdflag appended (48 bytes) */
     int index; int pool_idx;
     uint32_t width; uint32_t height; uint32_t pixfmt; uint32_t size;
-    uint32_t phyAddr; uint32_t virAddr; uint32_t direct_phyAddr;
-    int64_t timeStamp; int64_t timeStamp_ivdc;
+    uint32_t phyAddr; uint32_t virAddr;
+    int64_t timeStamp; int rotate_osdflag; uint32_t priv[0];
 } IMPFrameInfo_116;
 
 typedef struct { char type[20]; int addr; int i2c_adapter_id; } IMPI2CInfo;

@@ -62,10 +62,12 @@ def build(ptr: type | None = None) -> types.SimpleNamespace:
         ("index", c_int), ("pool_idx", c_int), ("width", c_uint32), ("height", c_uint32),
         ("pixfmt", c_uint32), ("size", c_uint32), ("phyAddr", c_uint32), ("virAddr", c_uint32),
         ("timeStamp", c_int64)])
+    # T31 1.1.6 (gtxaspec/ingenic-headers T31/1.1.6/en imp_common.h): timeStamp stays at 0x20,
+    # rotate_osdflag follows, priv[0]; 48 bytes.  (direct_phyAddr/timeStamp_ivdc are T23's.)
     s.IMPFrameInfo_116 = _struct("IMPFrameInfo_116", [
         ("index", c_int), ("pool_idx", c_int), ("width", c_uint32), ("height", c_uint32),
         ("pixfmt", c_uint32), ("size", c_uint32), ("phyAddr", c_uint32), ("virAddr", c_uint32),
-        ("direct_phyAddr", c_uint32), ("timeStamp", c_int64), ("timeStamp_ivdc", c_int64)])
+        ("timeStamp", c_int64), ("rotate_osdflag", c_int)])
 
     s.IMPI2CInfo = _struct("IMPI2CInfo", [("type", c_char * 20), ("addr", c_int),
                                           ("i2c_adapter_id", c_int)])
