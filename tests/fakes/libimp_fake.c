@@ -803,7 +803,9 @@ int IMP_Encoder_GetStream(int e, IMPEncoderStream *st, bool block)
         for (int m = file_au_start[au]; m < file_au_start[au + 1] && np < 64; m++, np++)
             add_pack(e, &packs[np], file_nals[m].type, sc, 4, file_nals[m].data, file_nals[m].len, 0, ts);
     } else {
-        uint32_t gop = enc[e].attr.gopAttr.uGopLength ? enc[e].attr.gopAttr.uGopLength : 50;
+        /* 1.1.5/1.1.6 SetDefaultParam doc: "GOPLength = uGopLength * uMaxSameSenceCnt" */
+        uint32_t same = enc[e].attr.gopAttr.uMaxSameSenceCnt ? enc[e].attr.gopAttr.uMaxSameSenceCnt : 1;
+        uint32_t gop = (enc[e].attr.gopAttr.uGopLength ? enc[e].attr.gopAttr.uGopLength : 50) * same;
         int idr = n % gop == 0 || enc[e].idr_req;
         enc[e].idr_req = 0;
         int fill = 2 + n % 200;  /* payload byte: never 0/1, so no false start codes */

@@ -71,6 +71,13 @@ ISP_CONTROLS: tuple[tuple[str, str, str, ControlSpec], ...] = (
 )
 
 
+# uMaxSameSenceCnt: the 1.1.5/1.1.6 SetDefaultParam doc says "GOPLength = uGopLength *
+# uMaxSameSenceCnt" (the strongest source; the SDK 1.1.1 sample passes 2 without a word), so
+# 1 makes the IDR interval the GOP the client asked for.  One entry to change if hardware
+# shows otherwise.
+GOP_SAME_SCENE_CNT = 1
+
+
 class T31Isp(Isp):
     """ISP tuning through IMP_ISP_Tuning_* (only the setters the library has)."""
 
@@ -429,7 +436,7 @@ class T31FrameChannel(FrameChannel):
         else:
             qp = p.i_qp if p.rc_mode is RcMode.FIXQP else -1
             args = (PROFILES[p.profile], int(p.rc_mode), p.width, p.height, p.fps_num, p.fps_den,
-                    p.gop, 2, qp, p.bitrate // 1000)  # SDK bit rates are kbit/s
+                    p.gop, GOP_SAME_SCENE_CNT, qp, p.bitrate // 1000)  # SDK bit rates are kbit/s
         self.lib.call("IMP_Encoder_SetDefaultParam", byref(attr), *args)
         rc = attr.rcAttr.attrRcMode
         if not jpeg and p.rc_mode is not RcMode.FIXQP:
