@@ -32,6 +32,11 @@ def taken_video_numbers() -> set[int]:
     return used
 
 
+def link_target(mount: str, name: str) -> str:
+    """What /dev/<name> points at when the daemon links it to its FUSE file."""
+    return os.path.join(os.path.abspath(mount), name)
+
+
 def remove_stale_links(mount: str, dev: str = "/dev") -> list[str]:
     """Remove ``/dev/videoN`` links of ours left by a run that died (kill -9).
 
@@ -43,11 +48,10 @@ def remove_stale_links(mount: str, dev: str = "/dev") -> list[str]:
     removed = []
     if not mount:
         return removed
-    mount = os.path.abspath(mount)
     for path in glob.glob(os.path.join(dev, "video*")):
         name = os.path.basename(path)
         try:
-            if not os.path.islink(path) or os.readlink(path) != os.path.join(mount, name):
+            if not os.path.islink(path) or os.readlink(path) != link_target(mount, name):
                 continue
             os.unlink(path)
         except OSError:
@@ -186,7 +190,7 @@ class Daemon:
 
     def _link(self, name: str) -> None:
         link = f"/dev/{name}"
-        target = os.path.join(os.path.abspath(self.cfg.transport.mount), name)
+        target = link_target(self.cfg.transport.mount, name)
         try:
             if os.path.islink(link):
                 os.unlink(link)  # ours from a crashed run

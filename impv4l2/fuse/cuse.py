@@ -16,7 +16,8 @@ import time
 
 from .. import fileops
 from . import proto as P
-from .server import IOCTL_MAX, Node, Server
+from .server import Node, Server
+from .usermem import IOCTL_MAX
 
 log = logging.getLogger("impv4l2.fuse")
 

@@ -33,7 +33,6 @@ from ..fileops import POLLERR, WouldBlock
 from . import abi
 from .codec_controls import H264_CONTROLS, RC_KEYS, STREAM_KEYS, CodecControl, CodecSettings
 from .controls import ControlSet, ControlView, isp_control_set
-from .events import ctrl_event
 from .formats import CAPTURE_FORMATS, Converter, PixFormat, Produce, fill_pix, nearest_size
 from .node import Node, NodeHandle
 from .queue import Buffer, BufferQueue, FileIO
@@ -187,12 +186,7 @@ class CaptureNode(Node):
                 continue
             c.flags = flags
             value = 0 if c.flags & abi.CtrlFlag.WRITE_ONLY else c.get()
-            posted = False
-            for h in list(self.handles):
-                if h.events.subscribed(abi.EventType.CTRL, c.id) is not None:
-                    posted |= h.events.post(ctrl_event(c, value, abi.EVENT_CTRL_CH_FLAGS))
-            if posted:
-                self.wake()
+            self.post_ctrl_event(c, value, abi.EVENT_CTRL_CH_FLAGS)
 
     def _codec_setting_changed(self, key: str, value: int) -> None:
         """A control changed (ioctl thread): forward it to a running encoder

@@ -141,13 +141,8 @@ class EncoderContext:
     # ------------------------------------------------------------ controls
 
     def _post_ctrl_event(self, ctrl, value: int, origin: object) -> None:
-        h = self.handle
-        flags = h.events.subscribed(abi.EventType.CTRL, ctrl.id)
-        if flags is None or (origin is h and not flags & abi.EVENT_SUB_FL_ALLOW_FEEDBACK):
-            return
-        from .events import ctrl_event
-        if h.events.post(ctrl_event(ctrl, value, abi.EVENT_CTRL_CH_VALUE)):
-            self.node.wake()
+        # per-context controls: only this context's handle hears of them
+        self.node.post_ctrl_event(ctrl, value, abi.EVENT_CTRL_CH_VALUE, handles=(self.handle,), origin=origin)
 
     def _control_changed(self, key: str, value: int) -> None:
         """A control changed (ioctl thread): bitrate applies from the next

@@ -15,7 +15,7 @@ import threading
 from ..fileops import POLLERR, POLLIN, POLLOUT, POLLRDNORM, POLLWRNORM
 from ..memfd import MemfdMemory, page_align
 from . import abi
-from .queue import MPLANE_TYPES, Buffer, BufferQueue, Plane, State
+from .queue import MPLANE_TYPES, Buffer, BufferQueue, State
 
 BT = abi.BufType
 BF = abi.BufFlag
@@ -81,13 +81,7 @@ class M2MQueue(BufferQueue):
         per = sum(page_align(s) for s in sizes)
         base = self.regions.alloc(per * count)
         self._regions.append((base, per * count))
-        end = base
-        for _ in range(count):
-            planes = []
-            for size in sizes:
-                planes.append(Plane(end, size))
-                end += page_align(size)
-            self.buffers.append(Buffer(len(self.buffers), planes))
+        self._add_buffers(base, count, sizes)
 
     def _free(self) -> None:
         super()._free()

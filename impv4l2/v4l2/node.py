@@ -111,14 +111,19 @@ class Node:
     # ------------------------------------------------------------ events
 
     def _control_changed(self, ctrl: Control, value: int, origin: object) -> None:
+        self.post_ctrl_event(ctrl, value, abi.EVENT_CTRL_CH_VALUE, origin=origin)
+
+    def post_ctrl_event(self, ctrl: Control, value: int, changes: int,
+                        handles: Iterable["NodeHandle"] | None = None, origin: object = None) -> None:
+        """V4L2_EVENT_CTRL to every subscribed handle (of ``handles``, default all): the one
+        fan-out of control events.  The handle that made the change (``origin``) gets it
+        only with EVENT_SUB_FL_ALLOW_FEEDBACK."""
         posted = False
-        for h in list(self.handles):
+        for h in list(self.handles if handles is None else handles):
             flags = h.events.subscribed(abi.EventType.CTRL, ctrl.id)
-            if flags is None:
+            if flags is None or (h is origin and not flags & abi.EVENT_SUB_FL_ALLOW_FEEDBACK):
                 continue
-            if h is origin and not flags & abi.EVENT_SUB_FL_ALLOW_FEEDBACK:
-                continue
-            posted |= h.events.post(ctrl_event(ctrl, value, abi.EVENT_CTRL_CH_VALUE))
+            posted |= h.events.post(ctrl_event(ctrl, value, changes))
         if posted:
             self.wake()
 

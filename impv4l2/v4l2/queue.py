@@ -146,14 +146,20 @@ class BufferQueue:
         if self.fileio is not None and who is not self.fileio:
             raise OSError(errno.EBUSY, "queue in read() mode")
 
-    def _allocate(self, count: int, sizes: list[int]) -> None:
-        end = self._alloc_end
+    def _add_buffers(self, base: int, count: int, sizes: list[int]) -> int:
+        """Append ``count`` buffers with planes of ``sizes`` laid out from ``base`` (page
+        aligned); returns the end offset."""
+        end = base
         for _ in range(count):
             planes = []
             for size in sizes:
                 planes.append(Plane(end, size))
                 end += page_align(size)
             self.buffers.append(Buffer(len(self.buffers), planes))
+        return end
+
+    def _allocate(self, count: int, sizes: list[int]) -> None:
+        end = self._add_buffers(self._alloc_end, count, sizes)
         if end > self.memory.size:
             self.memory.resize(end)
         self._alloc_end = end
