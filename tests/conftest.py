@@ -94,6 +94,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     bad = vm.error or vm.exit_status != 0 or any(
         t["outcome"] == "failed" for t in vm.results.get("tests", {}).values())
     tr.write_line(vm.summary(keep_log=bool(bad)))
+    for module, seconds, n in vm.module_seconds():
+        tr.write_line(f"  {seconds:7.1f} s  {n:3d} tests  {module}")
     if bad:
         if vm.error:
             tr.write_line(f"VM stage problem: {vm.error}")

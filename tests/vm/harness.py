@@ -90,6 +90,7 @@ class GuestReporter:
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         entry = self.data["tests"].setdefault(report.nodeid, {"outcome": "running", "text": ""})
+        entry["seconds"] = round(entry.get("seconds", 0.0) + report.duration, 2)  # setup+call+teardown
         wasxfail = getattr(report, "wasxfail", None)
         if report.failed:
             if entry["outcome"] != "failed":  # the first failure names the test's problem
@@ -290,6 +291,13 @@ class VMRun:
             return ""
         text = self.log.read_text(errors="replace").replace("\r\n", "\n")
         return "\n".join(text.splitlines()[-lines:])
+
+    def module_seconds(self) -> list[tuple[str, float, int]]:
+        """(module, guest seconds, tests) slowest first: where the VM stage's budget goes."""
+        per: dict[str, list[float]] = {}
+        for nodeid, entry in (self.results or {}).get("tests", {}).items():
+            per.setdefault(nodeid.split("::")[0], []).append(entry.get("seconds", 0.0))
+        return sorted(((m, sum(v), len(v)) for m, v in per.items()), key=lambda r: -r[1])
 
     def summary(self, keep_log: bool) -> str:
         """One line for the host log; the output directory is removed unless keep_log."""
