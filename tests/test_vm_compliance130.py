@@ -3,7 +3,8 @@
 1.30 runs the blocking-wait test (STREAMOFF from a second thread during a blocking DQBUF)
 every time, checks MIN_BUFFERS_FOR_OUTPUT on encoders and the REMOVE_BUFS/CREATE_BUFS rules,
 and wants G/S_PARM(CAPTURE) of an encoder to fail without ENC_CAP_FRAME_INTERVAL.  The daemon
-runs in both topologies (plain ``serve``: CUSE + FUSE mount; CUSE only); each node is tested
+runs as plain ``serve`` (CUSE + FUSE mount; the CUSE-only topology gets 1.22 in
+test_vm_capture.py: the time budget); each node is tested
 ``-s`` plain (only the tests CUSE cannot serve without mmap may fail, by name) and through the
 preload shim (no failures, no warnings but the slow VM's sequence gaps).  vivid runs beside
 as the kernel's reference.  Reports go to ``$IMPV4L2_VM_OUT/compliance130-*.txt``.
@@ -30,9 +31,9 @@ CUSE_NO_MMAP = {"main": re.compile(r"^test MMAP\b"), "sub": re.compile(r"^test M
 ROLES = ("main", "sub", "encoder")
 
 
-@pytest.fixture(scope="module", params=list(served.TOPOLOGIES))
-def daemon(request):
-    with served.serving(request.param, "compliance130", ROLES) as d:
+@pytest.fixture(scope="module")
+def daemon():
+    with served.serving("default", "compliance130", ROLES) as d:
         yield d
 
 
@@ -57,9 +58,6 @@ def compliance(dev: str, tag: str, shim: bool) -> tuple[str, tuple[int, int, int
 def test_compliance_130(daemon, role, via, record_property):
     """plain: only the tests a CUSE node cannot serve without mmap fail, by name; via the shim:
     no failures, mmap streaming really ran, no warnings but the slow VM's sequence gaps."""
-    if via == "shim" and daemon.topology != "default":
-        # time budget: the shim path does not depend on the topology (the default one runs it)
-        pytest.skip("through the shim: run on the default topology")
     tag = f"{role}-{daemon.topology}-{via}"
     out, (total, ok, failed, warns), fails = compliance(daemon.nodes[role], tag, shim=via == "shim")
     record_property(f"compliance130_{tag}", f"{total} tests, {failed} failed, {warns} warnings: {fails}")

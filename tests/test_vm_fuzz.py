@@ -2,7 +2,7 @@
 the regions the daemon asks for, process_vm past the kernel's limits) of plain `impv4l2 serve`.
 
 A CUSE round trip costs milliseconds in the emulated guest, so the VM runs
-IMPV4L2_VM_FUZZ_CALLS (default 2,000) per node; the FUSE door gets 50,000 per node on the
+IMPV4L2_VM_FUZZ_CALLS (default 1,000) per node; the FUSE door gets 50,000 per node on the
 host (tests/test_fuzz.py) and 10^6 in benchmarks/bench_fuzz.py.  Afterwards the daemon is
 alive, logged no exception, answered only errnos the spec names, and the nodes still work.
 """
@@ -20,7 +20,7 @@ import pytest
 pytestmark = pytest.mark.vm
 
 CLIENTS = Path(__file__).resolve().parent / "clients"
-CALLS = int(os.environ.get("IMPV4L2_VM_FUZZ_CALLS", "2000"))
+CALLS = int(os.environ.get("IMPV4L2_VM_FUZZ_CALLS", "1000"))
 SEEDS = {"main": 11, "sub": 12, "encoder": 13}
 
 
