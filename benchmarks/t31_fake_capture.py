@@ -7,7 +7,6 @@ is the backend's cost (GetStream/GetFrame + one memmove + release) plus the fake
 
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 

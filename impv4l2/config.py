@@ -30,6 +30,10 @@ class ChannelConfig:
 @dataclasses.dataclass
 class NodeConfig:
     base: int = 10  # first /dev/videoN number tried; taken numbers are skipped
+    # Buffer memory per node and for all nodes, MiB; 0: the backend's default
+    # (t31: 12 and 24, sim: no limit).  REQBUFS grants what fits.
+    buffer_mb: int = 0
+    total_buffer_mb: int = 0
     main: str = ""  # explicit names override numbering, e.g. "video20"
     sub: str = ""
     encoder: str = ""

@@ -18,6 +18,7 @@ from .fileops import Device
 
 if TYPE_CHECKING:
     from .hotplug import HotplugMonitor
+    from .v4l2.budget import BufferBudget
 
 log = logging.getLogger("impv4l2.daemon")
 
@@ -134,9 +135,11 @@ class Daemon:
         if not all(r in self.names for r in roles):
             self.names = allocate_names(roles, self.cfg.nodes)
         names = self.names
+        budget = self._budget()
         for role in roles:
             if role == "encoder":
-                self.nodes[role] = EncoderNode(names[role], self.backend, defaults=self.cfg.encoder)
+                self.nodes[role] = EncoderNode(names[role], self.backend, defaults=self.cfg.encoder,
+                                               budget=budget)
                 continue
             ch = channels[role]
             want: config_mod.ChannelConfig = getattr(self.cfg, role)
@@ -146,7 +149,17 @@ class Daemon:
                 log.warning("%s channel: cannot use %dx%d@%d (%s); keeping %s", role,
                             want.width, want.height, want.fps, e, ch.mode)
             self.nodes[role] = CaptureNode(names[role], self.backend, ch,
-                                           encoder_defaults=self.cfg.encoder)
+                                           encoder_defaults=self.cfg.encoder, budget=budget)
+
+    def _budget(self) -> BufferBudget:
+        """The buffer memory the nodes share: configuration, else the backend's default."""
+        from .v4l2.budget import MiB, BufferBudget
+
+        n = self.cfg.nodes
+        budget = BufferBudget(per_node=n.buffer_mb * MiB or self.backend.buffer_memory,
+                              total=n.total_buffer_mb * MiB or self.backend.total_buffer_memory)
+        log.info("buffer memory: %s", budget.describe())
+        return budget
 
     def _open_transports(self) -> None:
         """What outlives hot-plug cycles: the choice of CUSE and the FUSE mount."""

@@ -15,7 +15,7 @@ import numpy as np
 from impv4l2.fileops import WouldBlock
 from impv4l2.v4l2 import abi
 
-from v4l2_helpers import MEM, ioctl, open_node
+from v4l2_helpers import ioctl, open_node
 
 BT = abi.BufType
 PF = abi.PixelFormat

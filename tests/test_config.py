@@ -57,6 +57,7 @@ def test_full_file_is_read(tmp_path):
         [nodes]
         base = 40
         sub = "video7"
+        buffer_mb = 8
         [encoder]
         bitrate = 500000
         rc_mode = "cbr"
@@ -71,7 +72,7 @@ def test_full_file_is_read(tmp_path):
     assert cfg.backend_options == {"sensor": "gc2053"}
     assert (cfg.main.width, cfg.main.height, cfg.main.fps) == (1280, 720, 30)
     assert (cfg.sub.width, cfg.sub.height) == (640, 360)  # untouched section keeps defaults
-    assert (cfg.nodes.base, cfg.nodes.sub) == (40, "video7")
+    assert (cfg.nodes.base, cfg.nodes.sub, cfg.nodes.buffer_mb, cfg.nodes.total_buffer_mb) == (40, "video7", 8, 0)
     assert (cfg.encoder.bitrate, cfg.encoder.rc_mode) == (500000, "cbr")
     assert (cfg.transport.cuse, cfg.transport.mount) == ("off", "")
     assert cfg.hotplug.enable == "on"  # TOML true is "on"
@@ -93,6 +94,7 @@ BAD = [
     ("log_level = \"loud\"\n", 1, "not one of debug"),
     ("# a comment\n[colour]\nx = 1\n", 2, "unknown key"),
     ("[sub]\nfps = 0\n", 2, "outside 1..60"),
+    ("[nodes]\nbuffer_mb = -4\n", 2, "non-negative integer"),
 ]
 
 

@@ -12,7 +12,6 @@ import logging
 import mmap
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap

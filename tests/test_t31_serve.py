@@ -34,6 +34,7 @@ pytestmark = [
 
 ROOT = Path(__file__).resolve().parent.parent
 IMPV4L2 = str(ROOT / ".venv" / "bin" / "impv4l2")
+CAMERA_RUNTIME = [sys.executable, str(ROOT / "tests" / "clients" / "camera_runtime.py")]
 FAKE_ENV = ("IMPFAKE_LOG", "IMPFAKE_FAIL_AT", "IMPFAKE_POLL_TIMEOUT", "IMPFAKE_FRAME_TIMEOUT",
             "IMPFAKE_H264", "IMPFAKE_RING_SIZE", "IMPV4L2_LIBIMP")
 W, H, FPS = 1280, 720, 30  # the fake sensor = the main channel
@@ -115,7 +116,8 @@ def write_config(path: Path, backend: str, mount: Path, base: int, extra: str = 
 class Serve:
     """`impv4l2 serve --backend <b> --mount <tmp> --cuse off --config <toml>` as a subprocess."""
 
-    def __init__(self, tmp: Path, backend: str, env: dict[str, str], base: int, extra: str = ""):
+    def __init__(self, tmp: Path, backend: str, env: dict[str, str], base: int, extra: str = "",
+                 launcher: list[str] | None = None):
         self.tmp, self.backend = tmp, backend
         self.mount = tmp / f"mnt-{backend}"
         self.mount.mkdir(exist_ok=True)
@@ -126,7 +128,7 @@ class Serve:
         else:
             cfg = write_config(tmp / f"{backend}.toml", backend, self.mount, base, extra)
         self.env = {k: v for k, v in os.environ.items() if k not in FAKE_ENV} | env
-        self.argv = [IMPV4L2, "serve", "--backend", backend, "--mount", str(self.mount), "--cuse", "off",
+        self.argv = [*(launcher or [IMPV4L2]), "serve", "--backend", backend, "--mount", str(self.mount), "--cuse", "off",
                      "--config", str(cfg)]
         self.proc: subprocess.Popen | None = None
         self.elapsed = 0.0
@@ -301,6 +303,49 @@ def test_ffmpeg_h264_from_main_decodes_and_is_the_avpu_stream(served, tmp_path, 
     assert count_frames(out) == 30
     # what the fake's AVPU produced (a new encoder channel starts at the file's first AU)
     assert access_units(out.read_bytes()) == access_units(h264_file.read_bytes())[:30]
+
+
+# ---------------------------------------------------------------- (3b) the camera's runtime
+
+def test_camera_runtime_serves_t31_without_numpy_pyav_pyudev(tmp_path, fake_lib, h264_file):
+    """Issue 14 item 2: the t31 path is the standard library and ctypes.  The daemon runs with
+    numpy, PyAV and pyudev unimportable (tests/clients/camera_runtime.py), advertises only
+    what it can produce without them (NV12 from the channel, H.264 and JPEG from the AVPU) and
+    streams NV12 and H.264 to ffmpeg; none of those libraries is mapped into the process."""
+    log = tmp_path / "imp.log"
+    d = Serve(tmp_path, "t31", {"IMPV4L2_LIBIMP": str(fake_lib), "IMPFAKE_LOG": str(log),
+                                "IMPFAKE_H264": str(h264_file)}, base=66, launcher=CAMERA_RUNTIME).start()
+    try:
+        nodes = {n["role"]: n for n in list_json(d.mount)}
+        for role in ("main", "sub"):
+            assert nodes[role]["formats"]["capture"] == ["NV12", "H264", "MJPG"], nodes[role]
+        raw = tmp_path / "main.nut"
+        res = ffmpeg("-f", "v4l2", "-input_format", "nv12", "-video_size", f"{W}x{H}", "-i", d.node("main"),
+                     "-frames:v", "10", "-c:v", "rawvideo", str(raw))
+        assert res.returncode == 0, res.stderr.decode() + d.text()
+        assert count_frames(raw) == 10
+        # ffmpeg asks REQBUFS 256; the t31 default budget (12 MiB a node) grants what fits
+        each = (W * H * 3 // 2 + 4095) & ~4095
+        assert f"{12 * 2**20 // each} of 32 buffers of {each} bytes granted (buffer budget: 12 MiB per node, " \
+               "24 MiB in all)" in d.text(), d.text()
+        h264 = tmp_path / "sub.h264"
+        res = ffmpeg("-f", "v4l2", "-input_format", "h264", "-video_size", f"{SUB_W}x{SUB_H}",
+                     "-i", d.node("sub"), "-c", "copy", "-frames:v", "10", str(h264))
+        assert res.returncode == 0, res.stderr.decode() + d.text()
+        assert count_frames(h264) == 10
+        maps = Path(f"/proc/{d.proc.pid}/maps").read_text()
+        for lib in ("numpy", "/av/", "libavcodec", "libswscale", "pyudev"):
+            assert lib not in maps, f"{lib} is mapped into the camera-runtime daemon"
+    finally:
+        assert d.stop() == 0, d.text()
+    assert "Traceback" not in d.text() and " ERROR " not in d.text(), d.text()
+
+
+def test_camera_runtime_sim_backend_is_one_clear_error(tmp_path):
+    res = Serve(tmp_path, "sim", {}, base=68, launcher=CAMERA_RUNTIME).run()
+    assert res.returncode != 0
+    assert "backend 'sim' needs numpy (not installed here); on a T31 camera use --backend t31" in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 # ---------------------------------------------------------------- (4) teardown record

@@ -86,7 +86,6 @@ def check_idr_layout(aus: list[bytes]) -> list[int]:
 
 
 def test_querycap(node):
-    c = M2MClient.__new__(M2MClient)
     from v4l2_helpers import open_node
     h = open_node(node)
     cap = abi.v4l2_capability()
@@ -319,25 +318,32 @@ def test_two_sessions_at_once(node, frames):
     b.close()
 
 
-def test_crop(splane_node, frames):
+@pytest.mark.parametrize("rect", [(8, 4, 300, 200), (0, 6, W, 200)], ids=["strided", "rows"])
+def test_crop(splane_node, frames, rect):
+    """A column crop is a numpy strided copy; a rows-only crop is contiguous slices (the
+    camera's path, no numpy)."""
+    left, top, cw, ch = rect
     c = M2MClient(splane_node, W, H, n_out=2, n_cap=2, mplane=False)
     sel = abi.raw.v4l2_selection()
     sel.type, sel.target = BT.VIDEO_OUTPUT, abi.raw.SelectionTarget.CROP_BOUNDS
     ioctl(c.h, "G_SELECTION", sel)
     assert (sel.r.width, sel.r.height) == (W, H)
     sel.target = abi.raw.SelectionTarget.CROP
-    sel.r.left, sel.r.top, sel.r.width, sel.r.height = 8, 4, 300, 200
+    sel.r.left, sel.r.top, sel.r.width, sel.r.height = rect
     ioctl(c.h, "S_SELECTION", sel)
-    assert (sel.r.left, sel.r.top, sel.r.width, sel.r.height) == (8, 4, 300, 200)
+    assert (sel.r.left, sel.r.top, sel.r.width, sel.r.height) == rect
     sel.type = BT.VIDEO_CAPTURE
     assert err_of(ioctl, c.h, "G_SELECTION", sel) == errno.EINVAL
     c.streamon()
     aus = [au for _, au in c.encode(frames[:3])]
     sps = parse_sps(aus[0])
-    assert (sps.width, sps.height) == (300, 200)
+    assert (sps.width, sps.height) == (cw, ch)
     dec = decode(aus)
-    y = np.frombuffer(frames[2][:W * H], np.uint8).reshape(H, W)[4:204, 8:308].astype(int)
+    y = np.frombuffer(frames[2][:W * H], np.uint8).reshape(H, W)[top:top + ch, left:left + cw].astype(int)
     assert np.abs(luma(dec[2]) - y).mean() < 8
+    uv = np.frombuffer(frames[2][W * H:], np.uint8).reshape(H // 2, W)
+    want = uv[top // 2:(top + ch) // 2, left:left + cw].astype(int)  # a chroma edge crosses the crop
+    assert np.abs(dec[2].to_ndarray(format="nv12")[ch:].astype(int) - want).mean(axis=1).max() < 8  # per row
     c.close()
 
 

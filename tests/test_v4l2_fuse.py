@@ -13,7 +13,6 @@ import pytest
 
 from impv4l2.driver import load_backend
 from impv4l2.driver.sim.pattern import read_counter
-from impv4l2.v4l2 import abi
 from impv4l2.v4l2.capture import CaptureNode
 
 pytestmark = [

@@ -20,4 +20,12 @@ def load_backend(name: str = "sim", **options) -> Backend:
     except KeyError:
         raise ValueError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})") from None
     module, cls = target.split(":")
-    return getattr(importlib.import_module(module), cls)(**options)
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        if e.name not in ("numpy", "av"):
+            raise
+        # the sim renders and encodes in software; the camera has neither library
+        raise RuntimeError(f"backend {name!r} needs {e.name} (not installed here); "
+                           f"on a T31 camera use --backend t31") from e
+    return getattr(mod, cls)(**options)

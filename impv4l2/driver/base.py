@@ -240,6 +240,11 @@ class Backend(abc.ABC):
     isp: Isp
     channels: Sequence[FrameChannel]
     encoder: Encoder
+    # Memory the frame buffers of one consumer (node) may take, and of all of
+    # them, in bytes (0: no limit): what the machine's RAM leaves beside the
+    # media reserve.  Configuration ([nodes] buffer_mb, total_buffer_mb) overrides.
+    buffer_memory: int = 0
+    total_buffer_memory: int = 0
 
     def set_lost_callback(self, lost: Callable[[str], None]) -> None:
         """Called (with a reason) when the hardware disappears (hot-plug)."""

@@ -31,9 +31,10 @@ from ..driver.base import (Backend, ChannelMode, Codec, EncoderChannel, EncoderP
                            FrameChannel, FrameInfo)
 from ..fileops import POLLERR, WouldBlock
 from . import abi
+from .budget import UNLIMITED, BufferBudget
 from .codec_controls import H264_CONTROLS, RC_KEYS, STREAM_KEYS, CodecControl, CodecSettings
 from .controls import ControlSet, ControlView, isp_control_set
-from .formats import CAPTURE_FORMATS, Converter, PixFormat, Produce, fill_pix, nearest_size
+from .formats import PixFormat, Produce, capture_formats, fill_pix, nearest_size
 from .node import Node, NodeHandle
 from .queue import Buffer, BufferQueue, FileIO
 
@@ -85,7 +86,7 @@ class CaptureSink:
         self.node = node
         self.q = node.queue
         self.fmt: PixFormat = node.fmt
-        self.converter: Converter | None = None
+        self.converter = None  # a convert.Converter while a CONVERT format streams
         self.inflight: collections.deque[tuple[memoryview, memoryview, Buffer]] = collections.deque()
         self.frames = 0
         self.dropped = 0
@@ -97,6 +98,8 @@ class CaptureSink:
         if fmt.produce == Produce.CONVERT:
             c = self.converter
             if c is None or (c.fmt, c.width, c.height) != (fmt, width, height):
+                from .convert import Converter  # PyAV: only when such a format is in use
+
                 self.converter = Converter(fmt, width, height)
 
     def get_buffer(self) -> memoryview | None:
@@ -142,18 +145,20 @@ class CaptureNode(Node):
     device_caps = (abi.Cap.VIDEO_CAPTURE | abi.Cap.EXT_PIX_FORMAT | abi.Cap.READWRITE
                    | abi.Cap.STREAMING)
     event_types = frozenset({abi.EventType.CTRL, abi.EventType.SOURCE_CHANGE})
-    formats: tuple[PixFormat, ...] = CAPTURE_FORMATS
+    formats: tuple[PixFormat, ...] = capture_formats()
 
     def __init__(self, name: str, backend: Backend, channel: FrameChannel,
-                 controls: ControlView | None = None, encoder_defaults=None):
+                 controls: ControlView | None = None, encoder_defaults=None,
+                 budget: BufferBudget = UNLIMITED):
         """``encoder_defaults``: an impv4l2.config.EncoderDefaults (or None) for
-        the initial encoder control values."""
+        the initial encoder control values; ``budget``: the buffer memory it may hold."""
         # This node's encoder binding: its own settings (not shared with other nodes).
         self.enc_channel: EncoderChannel | None = None
         self.codec = CodecSettings(encoder_defaults, CAPTURE_CODEC_CONTROLS,
                                    on_change=self._codec_setting_changed)
         self.codec_set = ControlSet(self.codec.controls())
-        super().__init__(name, controls or ControlView([isp_controls(backend), self.codec_set]))
+        super().__init__(name, controls or ControlView([isp_controls(backend), self.codec_set]),
+                         budget=budget)
         self.backend = backend
         self.channel = channel
         self.role = channel.role
@@ -162,7 +167,7 @@ class CaptureNode(Node):
         self.fmt = self.formats[0]
         mode = channel.mode
         self.width, self.height, self.fps = mode.width, mode.height, mode.fps
-        self.queue = BufferQueue(name, CAP, self.memory, log)
+        self.queue = BufferQueue(name, CAP, self.memory, log, budget=self.budget)
         self.queues[CAP] = self.queue
         self.queue.on_start = self._start
         self.queue.on_stop = self._stop

@@ -48,15 +48,18 @@ import errno
 import fractions
 import logging
 
+from .. import optional
 from ..driver.base import Backend
 from ..fileops import POLLERR, POLLPRI
 from ..memfd import page_align
 from . import abi
+from .budget import UNLIMITED, BufferBudget
 from .codec_controls import HEADER_MODE_JOINED, HEADER_MODE_SEPARATE
 from .controls import ControlView
 from .encoder_session import (ENC_CMD_START, ENC_CMD_STOP, MAX_FPS, MAX_H, MAX_SIZEIMAGE, MAX_W, MIN_H, MIN_W,
                               STEP, EncoderContext)
-from .formats import CODED_FORMATS, COLORSPACE, QUANTIZATION, RAW_FORMATS, XFER_FUNC, YCBCR_ENC, CodedFormat
+from .formats import (CODED_FORMATS, COLORSPACE, ENCODER_RAW_FORMATS, QUANTIZATION, XFER_FUNC, YCBCR_ENC,
+                      CodedFormat)
 from .m2m import API_CAPS, API_TYPES, RegionAllocator, buffer_mask
 from .node import Node, NodeHandle
 from .queue import MPLANE_TYPES, OUTPUT_TYPES, BufferQueue
@@ -77,8 +80,9 @@ class EncoderNode(Node):
     event_types = frozenset({abi.EventType.CTRL, abi.EventType.EOS})
 
     def __init__(self, name: str, backend: Backend, defaults=None, *,
-                 apis: tuple[str, ...] = ("mplane",), separate_headers: bool = False):
-        super().__init__(name, ControlView([]))
+                 apis: tuple[str, ...] = ("mplane",), separate_headers: bool = False,
+                 budget: BufferBudget = UNLIMITED):
+        super().__init__(name, ControlView([]), budget=budget)
         self.backend = backend
         self.defaults = defaults  # impv4l2.config.EncoderDefaults, read at each open
         self.apis = apis
@@ -170,7 +174,7 @@ class EncoderHandle(NodeHandle):
     @table.ioctl("ENUM_FMT", abi.v4l2_fmtdesc)
     def _enum_fmt(self, s, mem):
         is_out = self._check(s.type)
-        fmts = RAW_FORMATS if is_out else CODED_FORMATS
+        fmts = ENCODER_RAW_FORMATS if is_out else CODED_FORMATS
         if s.index >= len(fmts):
             raise OSError(errno.EINVAL, "no more formats")
         f = fmts[s.index]
@@ -204,7 +208,7 @@ class EncoderHandle(NodeHandle):
         pix = s.fmt.pix_mp if mp else s.fmt.pix
         ctx = self.ctx
         if is_out:
-            f = next((x for x in RAW_FORMATS if x.fourcc == pix.pixelformat), RAW_FORMATS[0])
+            f = next((x for x in ENCODER_RAW_FORMATS if x.fourcc == pix.pixelformat), ENCODER_RAW_FORMATS[0])
             w = min(max(pix.width, MIN_W), MAX_W) & ~(STEP - 1)
             h = min(max(pix.height, MIN_H), MAX_H) & ~(STEP - 1)
             bpl, size = f.layout(w, h)
@@ -250,7 +254,7 @@ class EncoderHandle(NodeHandle):
 
     @table.ioctl("ENUM_FRAMESIZES", abi.v4l2_frmsizeenum)
     def _enum_framesizes(self, s, mem):
-        if not any(f.fourcc == s.pixel_format for f in RAW_FORMATS + CODED_FORMATS):
+        if not any(f.fourcc == s.pixel_format for f in ENCODER_RAW_FORMATS + CODED_FORMATS):
             raise OSError(errno.EINVAL, "unknown pixel format")
         if s.index != 0:
             raise OSError(errno.EINVAL, "no more sizes")
@@ -294,6 +298,8 @@ class EncoderHandle(NodeHandle):
             raise OSError(errno.EBUSY, "OUTPUT is streaming")
         w, h = ctx.width, ctx.height
         cw = min(max(s.r.width, MIN_W), w) & ~1
+        if not optional.have("numpy"):
+            cw = w  # a column crop is a strided copy: without numpy (the camera) rows only
         ch = min(max(s.r.height, MIN_H), h) & ~1
         left = min(max(s.r.left, 0), w - cw) & ~1
         top = min(max(s.r.top, 0), h - ch) & ~1

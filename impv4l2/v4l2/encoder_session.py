@@ -18,14 +18,15 @@ import threading
 import time
 from typing import TYPE_CHECKING, Callable
 
-import numpy as np
 
+from .. import optional
 from ..driver.base import EncoderChannel
 from ..driver.h264 import NalType, nal_spans
 from . import abi
 from .codec_controls import RC_KEYS, STREAM_KEYS, CodecSettings
 from .controls import ControlSet, ControlView
-from .formats import CODED_FORMATS, COLORSPACE, QUANTIZATION, RAW_FORMATS, XFER_FUNC, YCBCR_ENC, CodedFormat
+from .formats import (CODED_FORMATS, COLORSPACE, ENCODER_RAW_FORMATS, QUANTIZATION, XFER_FUNC, YCBCR_ENC,
+                      CodedFormat)
 from .m2m import API_TYPES, M2MQueue
 from .queue import OUTPUT_TYPES, Buffer
 
@@ -79,7 +80,7 @@ class EncoderContext:
         self.tag = f"{node.name} pid {handle.caller.pid}"
         mplane = "mplane" in node.apis
         out_t, cap_t = API_TYPES["mplane" if mplane else "splane"]
-        qargs = dict(timestamp_flags=BF.TIMESTAMP_COPY, min_buffers=1)
+        qargs = dict(timestamp_flags=BF.TIMESTAMP_COPY, min_buffers=1, budget=node.budget)
         self.out_q = M2MQueue(node.regions, node.name, out_t, node.memory, log, **qargs)
         self.cap_q = M2MQueue(node.regions, node.name, cap_t, node.memory, log, **qargs)
         for q, d in ((self.out_q, "output"), (self.cap_q, "capture")):
@@ -87,7 +88,7 @@ class EncoderContext:
             q.on_start = lambda d=d: self._started(d)
             q.on_stop = lambda d=d: self._stopped(d)
         # formats
-        self.raw = RAW_FORMATS[0]
+        self.raw = ENCODER_RAW_FORMATS[0]
         self.coded = CODED_FORMATS[0]
         self.width, self.height = DEFAULT_W, DEFAULT_H
         self.crop = (0, 0, DEFAULT_W, DEFAULT_H)
@@ -117,7 +118,7 @@ class EncoderContext:
         self._stop = False
         self._job_lock = threading.Lock()  # held by the worker while it runs a job
         self._thread: threading.Thread | None = None
-        self._scratch: np.ndarray | None = None
+        self._scratch: bytearray | None = None  # the cropped picture (crop ≠ the full frame)
         self.busy_s = 0.0  # worker time spent encoding (CPU per frame in benchmarks)
 
     # ------------------------------------------------------------ formats
@@ -299,20 +300,32 @@ class EncoderContext:
         left, top, cw, ch = self.crop
         if (cw, ch) == (w, h):
             return mem
-        a = np.frombuffer(mem, np.uint8)
         size = cw * ch * 3 // 2
-        if self._scratch is None or self._scratch.size != size:
-            self._scratch = np.empty(size, np.uint8)
+        if self._scratch is None or len(self._scratch) != size:
+            self._scratch = bytearray(size)
         s = self._scratch
-        s[:cw * ch].reshape(ch, cw)[:] = a[:w * h].reshape(h, w)[top:top + ch, left:left + cw]
+        if cw == w:  # rows only (1088 -> 1080): two or three contiguous slices, no numpy
+            s[:w * ch] = mem[top * w:(top + ch) * w]
+            if self.raw.backend == "nv12":
+                s[w * ch:] = mem[w * h + top // 2 * w:w * h + (top + ch) // 2 * w]
+            else:
+                cs, ps, hw = (cw // 2) * (ch // 2), (w // 2) * (h // 2), w // 2
+                for i in range(2):  # U, V planes
+                    base = w * h + i * ps + top // 2 * hw
+                    s[w * ch + i * cs:w * ch + (i + 1) * cs] = mem[base:base + cs]
+            return memoryview(s)
+        np = optional.module("numpy")  # a column crop is a strided copy (S_SELECTION offers it only with numpy)
+        a = np.frombuffer(mem, np.uint8)
+        t = np.frombuffer(s, np.uint8)
+        t[:cw * ch].reshape(ch, cw)[:] = a[:w * h].reshape(h, w)[top:top + ch, left:left + cw]
         if self.raw.backend == "nv12":
-            s[cw * ch:].reshape(ch // 2, cw)[:] = \
+            t[cw * ch:].reshape(ch // 2, cw)[:] = \
                 a[w * h:].reshape(h // 2, w)[top // 2:(top + ch) // 2, left:left + cw]
         else:
             cs, ps = (cw // 2) * (ch // 2), (w // 2) * (h // 2)
             for i in range(2):  # U, V planes
                 src = a[w * h + i * ps:w * h + (i + 1) * ps].reshape(h // 2, w // 2)
-                s[cw * ch + i * cs:cw * ch + (i + 1) * cs].reshape(ch // 2, cw // 2)[:] = \
+                t[cw * ch + i * cs:cw * ch + (i + 1) * cs].reshape(ch // 2, cw // 2)[:] = \
                     src[top // 2:(top + ch) // 2, left // 2:(left + cw) // 2]
         return memoryview(s)
 
@@ -380,8 +393,7 @@ class EncoderContext:
         if fresh and self.settings.header_separate:
             return n, hdr
         if not fresh and not self.settings.repeat_headers:
-            a = np.frombuffer(dst, np.uint8)
-            a[:n - hdr] = a[hdr:n]  # numpy handles the overlap
+            dst[:n - hdr] = dst[hdr:n]  # memoryview assignment is a memmove: the overlap is safe
             return n - hdr, 0
         return n, 0
 

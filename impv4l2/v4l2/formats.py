@@ -4,8 +4,9 @@ Each entry says how frames of that format are produced from a channel:
 
 * ``NATIVE``  – the channel writes NV12 straight into the client's buffer (zero copy);
 * ``CONVERT`` – the channel writes NV12 into a node scratch buffer and swscale
-  (PyAV ``VideoFrame.reformat``) converts it into the client's buffer (one
-  conversion, plus one memcpy of the converted planes);
+  (PyAV ``VideoFrame.reformat``, v4l2/convert.py) converts it into the
+  client's buffer; offered only where PyAV and numpy are installed (not on
+  the camera);
 * ``ENCODED`` – ``channel.start_encoded`` (IMP's FrameSource->Encoder
   binding) writes one access unit / one JPEG picture into the client's buffer.
 
@@ -18,12 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import threading
 from typing import Callable
 
-import av
-import numpy as np
-
+from .. import optional
 from ..driver.base import Codec
 from ..memfd import page_align
 from . import abi
@@ -93,6 +91,13 @@ ENCODED_FORMATS: tuple[PixFormat, ...] = (
 )
 CAPTURE_FORMATS = RAW_FORMATS + ENCODED_FORMATS
 
+
+def capture_formats() -> tuple[PixFormat, ...]:
+    """What this runtime can produce: no CONVERT formats without PyAV and numpy."""
+    if optional.have("av", "numpy"):
+        return CAPTURE_FORMATS
+    return tuple(f for f in CAPTURE_FORMATS if f.produce != Produce.CONVERT)
+
 # Colorimetry of every raw format (the ISP outputs BT.709 limited-range YUV).
 COLORSPACE = abi.Colorspace.REC709
 YCBCR_ENC = abi.YcbcrEnc._709
@@ -117,62 +122,6 @@ def fill_pix(pix: abi.v4l2_pix_format, fmt: PixFormat, width: int, height: int) 
 def nearest_size(sizes, width: int, height: int) -> tuple[int, int]:
     """The supported size closest to the request (as v4l2_find_nearest_size)."""
     return min(sizes, key=lambda s: (abs(s[0] - width) + abs(s[1] - height), -s[0]))
-
-
-class Converter:
-    """NV12 -> ``fmt`` through swscale, for frames of one size.
-
-    Scratch NV12 buffers come from a small pool (the backend may hold more
-    than one while a frame is in flight); each is wrapped once as an
-    ``av.VideoFrame`` without copying.
-    """
-
-    def __init__(self, fmt: PixFormat, width: int, height: int):
-        assert fmt.av_format
-        self.fmt = fmt
-        self.width = width
-        self.height = height
-        self._lock = threading.Lock()
-        self._free: list[np.ndarray] = []
-        self._frames: dict[int, av.VideoFrame] = {}
-
-    def scratch(self) -> memoryview:
-        """A writable NV12 buffer for the backend (return it with convert/release)."""
-        with self._lock:
-            if self._free:
-                arr = self._free.pop()
-            else:
-                arr = np.empty((self.height * 3 // 2, self.width), np.uint8)
-                self._frames[id(arr)] = av.VideoFrame.from_numpy_buffer(arr, format="nv12")
-        return memoryview(arr).cast("B")
-
-    def release(self, scratch: memoryview) -> None:
-        with self._lock:
-            self._free.append(scratch.obj)  # type: ignore[arg-type]
-
-    def convert(self, scratch: memoryview, dst: memoryview) -> int:
-        """Convert the NV12 frame in ``scratch`` into ``dst``; returns bytes written."""
-        arr = scratch.obj
-        frame = self._frames[id(arr)]
-        out = frame.reformat(format=self.fmt.av_format)
-        target = np.frombuffer(dst, np.uint8)
-        pos = 0
-        w, h = self.width, self.height
-        # Copy each plane row-block into the tightly packed V4L2 layout.
-        for plane, (pw, ph) in zip(out.planes, _plane_dims(self.fmt.av_format, w, h)):
-            src = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[:ph, :pw]
-            target[pos:pos + pw * ph].reshape(ph, pw)[:] = src
-            pos += pw * ph
-        return pos
-
-
-def _plane_dims(av_format: str, w: int, h: int) -> list[tuple[int, int]]:
-    """Bytes per row and rows of each plane of the packed V4L2 layout."""
-    if av_format == "yuyv422":
-        return [(w * 2, h)]
-    if av_format == "yuv420p":
-        return [(w, h), (w // 2, h // 2), (w // 2, h // 2)]
-    raise ValueError(av_format)
 
 
 # ---------------------------------------------------------------- the M2M encoder's formats
@@ -205,7 +154,7 @@ class CodedFormat:
         return max(page_align(raw // 3), 64 << 10), page_align(raw + (16 << 10))
 
 
-RAW_FORMATS = (
+ENCODER_RAW_FORMATS = (
     RawFormat(PF.NV12, "Y/CbCr 4:2:0", "nv12"),
     RawFormat(PF.YUV420, "Planar YUV 4:2:0", "yu12"),
 )

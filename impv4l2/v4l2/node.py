@@ -22,6 +22,7 @@ from ..fileops import POLLERR, POLLIN, POLLPRI, POLLRDNORM, Caller, NeedMemory, 
 from ..memfd import MemfdMemory
 from ..shim import server as shim_server
 from . import abi
+from .budget import UNLIMITED, BufferBudget
 from .controls import Control, ControlView
 from .dispatch import IoctlTable
 from .events import EventQueue, ctrl_event
@@ -43,9 +44,11 @@ class Node:
     # (event type, needs id in controls) subscribable on this node
     event_types: frozenset[int] = frozenset({abi.EventType.CTRL})
 
-    def __init__(self, name: str, controls: ControlView, memory: MemfdMemory | None = None):
+    def __init__(self, name: str, controls: ControlView, memory: MemfdMemory | None = None,
+                 budget: BufferBudget = UNLIMITED):
         self.name = name
-        self.memory = memory if memory is not None else MemfdMemory(name)
+        self.budget = budget  # every queue of this node charges it
+        self.memory = memory if memory is not None else MemfdMemory(name, reserve=budget.reserve())
         self.controls = controls
         self.handles: set[NodeHandle] = set()
         self.queues: dict[int, BufferQueue] = {}

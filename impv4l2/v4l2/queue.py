@@ -39,6 +39,7 @@ from typing import Callable
 from ..fileops import WouldBlock
 from ..memfd import page_align
 from . import abi
+from .budget import UNLIMITED, BufferBudget
 
 MAX_BUFFERS = 32  # VIDEO_MAX_FRAME
 PLANE_SIZE = ctypes.sizeof(abi.v4l2_plane)
@@ -91,7 +92,7 @@ class BufferQueue:
                  memories: tuple[int, ...] = (abi.Memory.MMAP, abi.Memory.USERPTR),
                  timestamp_flags: int = abi.BufFlag.TIMESTAMP_MONOTONIC | abi.BufFlag.TSTAMP_SRC_EOF,
                  min_buffers: int = 1, max_buffers: int = MAX_BUFFERS,
-                 memory_base: int = 0):
+                 memory_base: int = 0, budget: BufferBudget = UNLIMITED):
         self.name = node_name
         self.type = buf_type
         self.mplane = buf_type in MPLANE_TYPES
@@ -102,6 +103,7 @@ class BufferQueue:
         self.min_buffers = min_buffers
         self.max_buffers = max_buffers
         self.memory_base = memory_base  # where this queue's buffers start in the memfd
+        self.budget = budget  # the node's share of buffer memory
         self.lock = threading.RLock()
         self.buffers: list[Buffer] = []
         self.mem_type = 0
@@ -164,8 +166,22 @@ class BufferQueue:
             self.memory.resize(end)
         self._alloc_end = end
 
+    def _take(self, want: int, sizes: list[int], least: int) -> int:
+        """How many of ``want`` buffers the budget grants (logged when fewer)."""
+        each = sum(page_align(s) for s in sizes)
+        try:
+            got = self.budget.take(self.name, self, each, want, least)
+        except OSError as e:
+            self.log.warning("%s: %s", self.name, e.strerror)
+            raise
+        if got < want:
+            self.log.info("%s: %d of %d buffers of %d bytes granted (buffer budget: %s)",
+                          self.name, got, want, each, self.budget.describe())
+        return got
+
     def _free(self) -> None:
         # The memfd is not shrunk: a client may still map old buffers (orphaned).
+        self.budget.release(self.name, self)
         self.buffers = []
         self._queued = []
         self._done_list = []
@@ -194,6 +210,7 @@ class BufferQueue:
                 self.owner = None
                 return
             count = max(self.min_buffers, min(r.count, self.max_buffers))
+            count = self._take(count, list(self.plane_sizes), self.min_buffers)
             self._allocate(count, list(self.plane_sizes))
             self.mem_type = r.memory
             self.owner = who
@@ -222,7 +239,7 @@ class BufferQueue:
             room = self.max_buffers - len(self.buffers)
             if room <= 0:
                 raise OSError(errno.ENOBUFS, "no more buffers")
-            count = min(c.count, room)
+            count = self._take(min(c.count, room), sizes, 1)
             self._allocate(count, sizes)
             self.mem_type = c.memory
             self.owner = who

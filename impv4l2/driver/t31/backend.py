@@ -548,6 +548,11 @@ class T31Backend(Backend):
     ``raw_depth``, ``sdk`` ("1.1.1" or "1.1.6": IMPFrameInfo layout)."""
 
     name = "t31"
+    # A T31X: 128 MB, ~29 MB reserved for ISP/AVPU, ~99 MB for Linux, the
+    # daemon ~20 MB beside; 12 MiB is four 1080p NV12 frames.  (A T31N/L has
+    # 64 MB: set [nodes] buffer_mb / total_buffer_mb lower.)
+    buffer_memory = 12 << 20
+    total_buffer_memory = 24 << 20
 
     def __init__(self, lib_path: str | None = None, sensor: str = "gc2053", i2c_addr: int = 0x37,
                  i2c_adapter: int = 0, sensor_width: int = 1920, sensor_height: int = 1080,
