@@ -55,7 +55,7 @@ class BufferBudget:
 
     def held(self, node: str | None = None) -> int:
         with self._lock:
-            return sum(n for (nd, _), n in self._held.items() if node is None or nd == node)
+            return sum(self._held.values()) if node is None else self._node_held(node)
 
     def reserve(self) -> int:
         """Address space a node's memfd mapping needs: twice its limit (M2M regions can

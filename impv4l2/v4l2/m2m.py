@@ -15,7 +15,7 @@ import threading
 from ..fileops import POLLERR, POLLIN, POLLOUT, POLLRDNORM, POLLWRNORM
 from ..memfd import MemfdMemory, page_align
 from . import abi
-from .queue import MPLANE_TYPES, Buffer, BufferQueue, State
+from .queue import MPLANE_TYPES, Buffer, BufferQueue, State, buffer_span
 
 BT = abi.BufType
 BF = abi.BufFlag
@@ -78,7 +78,7 @@ class M2MQueue(BufferQueue):
         self.last_dequeued = False
 
     def _allocate(self, count: int, sizes: list[int]) -> None:
-        per = sum(page_align(s) for s in sizes)
+        per = buffer_span(sizes)
         base = self.regions.alloc(per * count)
         self._regions.append((base, per * count))
         self._add_buffers(base, count, sizes)

@@ -85,6 +85,11 @@ def _probe(mem, addr: int, length: int) -> None:
         raise OSError(errno.EFAULT, f"userptr 0x{addr:x}+{length} not mapped in the caller") from None
 
 
+def buffer_span(sizes: list[int]) -> int:
+    """Bytes one buffer with planes of ``sizes`` takes in the memfd (planes page aligned)."""
+    return sum(page_align(s) for s in sizes)
+
+
 class BufferQueue:
     """A V4L2 buffer queue of one buffer type."""
 
@@ -168,7 +173,7 @@ class BufferQueue:
 
     def _take(self, want: int, sizes: list[int], least: int) -> int:
         """How many of ``want`` buffers the budget grants (logged when fewer)."""
-        each = sum(page_align(s) for s in sizes)
+        each = buffer_span(sizes)
         try:
             got = self.budget.take(self.name, self, each, want, least)
         except OSError as e:
