@@ -85,6 +85,12 @@ def allocate_names(roles: list[str], nodes: config_mod.NodeConfig) -> dict[str, 
     return names
 
 
+# kill(2) may hand a signal to any thread; Python runs the handler only in the main thread, and
+# only once it executes bytecode, which a blocking SimpleQueue.get() never does (sem_wait is not
+# interrupted in a thread that did not receive the signal). So the main thread wakes this often.
+SIGNAL_POLL = 0.5
+
+
 class Daemon:
     """Owns the backend, builds the nodes and serves them until stopped.
 
@@ -383,7 +389,10 @@ class Daemon:
         self.start()
         try:
             while True:
-                event = self._events.get()
+                try:
+                    event = self._events.get(timeout=SIGNAL_POLL)
+                except queue.Empty:
+                    continue  # back in bytecode: a signal another thread caught runs its handler now
                 if event[0] == "stop":
                     log.info("stopping (%s)", event[1])
                     break

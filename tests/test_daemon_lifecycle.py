@@ -99,7 +99,8 @@ def test_kill9_then_restart_keeps_node_numbers(tmp_path):
             first.kill()
 
 
-def test_sigterm_during_an_encoder_drain_ends_the_wait(tmp_path):
+def _fuse_daemon(tmp_path: Path) -> tuple[Path, Path, subprocess.Popen]:
+    """A daemon on the FUSE door only: (mount, log, process)."""
     if not os.path.exists("/dev/fuse"):
         pytest.skip("needs /dev/fuse")
     mount, cfg, log = tmp_path / "mnt", tmp_path / "impv4l2.toml", tmp_path / "daemon.log"
@@ -109,7 +110,11 @@ def test_sigterm_during_an_encoder_drain_ends_the_wait(tmp_path):
         mount = "{mount}"
         dev_links = false
     """))
-    daemon = _start(cfg, log)
+    return mount, log, _start(cfg, log)
+
+
+def test_sigterm_during_an_encoder_drain_ends_the_wait(tmp_path):
+    mount, log, daemon = _fuse_daemon(tmp_path)
     client = None
     try:
         nodes = _serving(daemon, log, 1)
@@ -132,3 +137,37 @@ def test_sigterm_during_an_encoder_drain_ends_the_wait(tmp_path):
         for p in (client, daemon):
             if p is not None and p.poll() is None:
                 p.kill()
+
+
+def _tgkill(pid: int, tid: int, sig: int) -> None:
+    """Signal one thread of ``pid`` (what kill(2) does when the kernel picks a busy process's
+    other thread; Python has no tgkill)."""
+    import ctypes
+    import platform
+
+    nr = {"x86_64": 234, "i686": 270, "aarch64": 131, "mips": 4217}.get(platform.machine())
+    if nr is None:
+        pytest.skip(f"tgkill syscall number for {platform.machine()} not known here")
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(nr, pid, tid, sig) != 0:
+        raise OSError(ctypes.get_errno(), "tgkill")
+
+
+def test_signals_caught_by_a_worker_thread_are_handled(tmp_path):
+    """SIGUSR2 then SIGTERM, each delivered to a thread that is not the main one, are acted on
+    (the soak once waited 10 s for a stats line that never came)."""
+    mount, log, daemon = _fuse_daemon(tmp_path)
+    try:
+        _serving(daemon, log, 1)
+        workers = [int(t) for t in os.listdir(f"/proc/{daemon.pid}/task") if int(t) != daemon.pid]
+        assert workers, "the daemon has no other thread: nothing to test"
+        _tgkill(daemon.pid, workers[-1], signal.SIGUSR2)
+        deadline = time.monotonic() + 5
+        while "stats: {" not in log.read_text():
+            assert time.monotonic() < deadline, "SIGUSR2 on a worker thread was not handled:\n" + log.read_text()
+            time.sleep(0.05)
+        _tgkill(daemon.pid, workers[0], signal.SIGTERM)
+        assert daemon.wait(10) == 0, log.read_text()
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
