@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from impv4l2 import config, hotplug
+from impv4l2 import config, hotplug, uevent
 
 IMPV4L2 = [sys.executable, "-c", "import sys; from impv4l2.cli import main; sys.exit(main())"]
 LOOP_CTL_ADD, LOOP_CTL_REMOVE = 0x4C80, 0x4C81
@@ -47,6 +47,95 @@ def test_hardware_set_needs_every_pattern():
     hw.update("add", "framechan0")
     hw.update("remove", "avpu")
     assert not hw.present and hw.missing == ["avpu"]
+
+
+def test_hardware_set_reset_from_sysfs_names():
+    hw = hotplug.HardwareSet(["avpu", "framechan*"])
+    hw.update("add", "avpu")
+    hw.reset(["framechan1", "sda", "tty0"])  # what sysfs says after lost events
+    assert not hw.present and hw.missing == ["avpu"]
+    hw.reset(["avpu", "framechan0", "framechan2"])
+    assert hw.present
+    hw.update("remove", "framechan0")
+    assert hw.present  # framechan2 is still known
+
+
+class FakeSource:
+    """An EventSource fed by the test: a pipe makes its fd readable."""
+
+    def __init__(self):
+        self.r, self.w = os.pipe()
+        self.queue: list = []
+        self.closed = False
+
+    def push(self, item) -> None:
+        self.queue.append(item)
+        os.write(self.w, b"x")
+
+    def fileno(self) -> int:
+        return self.r
+
+    def receive(self):
+        if not self.queue:
+            return None
+        os.read(self.r, 1)
+        item = self.queue.pop(0)
+        if item == "overrun":
+            raise uevent.Overrun("test")
+        return item
+
+    def close(self) -> None:
+        self.closed = True
+        os.close(self.r)
+        os.close(self.w)
+
+
+def ev(action, devpath, **env):
+    return uevent.Uevent(action, devpath, {"ACTION": action, "DEVPATH": devpath, **env})
+
+
+def test_monitor_rename_and_resync_with_a_fake_source(tmp_path):
+    sysfs = tmp_path / "sys"
+    (sysfs / "class" / "misc").mkdir(parents=True)
+    (sysfs / "bus").mkdir()
+    src = FakeSource()
+    changes: list[tuple[bool, str]] = []
+    mon = hotplug.HotplugMonitor(["cam*"], lambda p, d: changes.append((p, d)),
+                                 open_source=lambda source: src, sysfs=str(sysfs))
+    assert mon.start() is False
+    try:
+        src.push(ev("add", "/devices/virtual/misc/cam0"))
+        wait_for(lambda: len(changes) == 1, 2, "add")
+        src.push(ev("move", "/devices/virtual/net/eth1", DEVPATH_OLD="/devices/virtual/net/cam0"))
+        wait_for(lambda: len(changes) == 2, 2, "rename away")  # the old name is gone
+        # lost events: sysfs now has cam7 (a link, as in /sys/class/*/*)
+        os.symlink("../../devices/virtual/misc/cam7", sysfs / "class" / "misc" / "cam7")
+        src.push("overrun")
+        wait_for(lambda: len(changes) == 3, 2, "resync")
+        src.push("overrun")  # nothing changed: nothing reported
+        src.push(ev("remove", "/devices/virtual/misc/cam7"))
+        wait_for(lambda: len(changes) == 4, 2, "remove after resync")
+    finally:
+        mon.stop()
+    assert changes == [(True, "add cam0"), (False, "move eth1"),
+                       (True, "uevents lost, sysfs says present"), (False, "remove cam7")]
+    assert mon.overruns == 2 and src.closed
+
+
+def test_udev_source_still_works_through_pyudev():
+    pytest.importorskip("pyudev")  # udev-processed events: pyudev only on this path
+    mon = hotplug.HotplugMonitor(["null"], lambda p, d: None, source="udev")
+    try:
+        assert mon.start() is True  # /dev/null exists (enumerated from sysfs)
+        assert isinstance(mon._events, hotplug.UdevSource)
+    finally:
+        mon.stop()
+    assert mon._events is None
+
+
+def test_unknown_source_is_refused():
+    with pytest.raises(ValueError, match="'kernel' or 'udev'"):
+        hotplug.HotplugMonitor(["x"], lambda p, d: None, source="mdev").start()
 
 
 @pytest.mark.parametrize("backend,enable,devices,expect", [
@@ -113,13 +202,21 @@ def wait_for(pred, timeout: float, what: str, step: float = 0.02):
     return time.monotonic() - t0
 
 
+@pytest.fixture
+def no_pyudev(monkeypatch):
+    """``import pyudev`` fails, as on the camera: the kernel source must not need it."""
+    monkeypatch.setitem(sys.modules, "pyudev", None)
+
+
 @pytest.mark.root
-def test_monitor_follows_real_uevents(loop_hw):
+def test_monitor_follows_real_uevents(loop_hw, no_pyudev):
     changes: list[tuple[bool, str]] = []
+    fds = fd_count(os.getpid())
     mon = hotplug.HotplugMonitor([loop_hw.name], lambda p, d: changes.append((p, d)), source="kernel")
     assert mon.start() is False
     try:
         assert mon._thread.name == "impv4l2-hotplug"
+        assert isinstance(mon._events, uevent.UeventSocket)  # the stdlib netlink socket
         for cycle in range(3):
             loop_hw.add()
             wait_for(lambda: len(changes) == 2 * cycle + 1, 2, "add reported")
@@ -130,10 +227,11 @@ def test_monitor_follows_real_uevents(loop_hw):
     finally:
         mon.stop()
     assert mon._thread is None
+    assert fd_count(os.getpid()) == fds  # socket and pipe released
 
 
 @pytest.mark.root
-def test_monitor_sees_existing_device(loop_hw):
+def test_monitor_sees_existing_device(loop_hw, no_pyudev):
     loop_hw.add()
     mon = hotplug.HotplugMonitor([loop_hw.name], lambda p, d: None, source="kernel")
     try:
