@@ -85,14 +85,21 @@ def test_length_mismatch_and_oversize_ioctl(server, caplog):
     assert body[16:] == bytes([255, 254, 253, 252])
 
 
-def test_32bit_caller_refused_without_compat32(server, caplog):
+@pytest.mark.parametrize("native_32bit", [False, True], ids=["64-bit daemon", "32-bit daemon"])
+def test_32bit_caller_refused_without_compat32(server, caplog, monkeypatch, native_32bit):
+    """A caller whose word size is not the daemon's is refused (its structs differ); one whose
+    word size is ours is served, whatever the flags say about the kernel: a 64-bit kernel flags
+    its compat callers COMPAT|32BIT, a 32-bit kernel (the T31's) flags every ioctl 32BIT."""
+    monkeypatch.setattr(P, "NATIVE_32BIT", native_32bit)
     m, r = server
     fh = open_fh(m, r)
-    for flag in (P.IOCTL_COMPAT, P.IOCTL_32BIT):
-        with caplog.at_level(logging.WARNING, "impv4l2.fuse"):
-            send(m, P.IOCTL, P.IOCTL_IN.pack(fh, flag, ECHO(4), 0, 4, 4) + b"abcd", unique=9)
-        assert reply(r)[:2] == (-errno.ENOTTY, 9)
-    assert "32-bit" in caplog.text
+    ours, foreign = (P.IOCTL_32BIT, 0) if native_32bit else (0, P.IOCTL_COMPAT | P.IOCTL_32BIT)
+    with caplog.at_level(logging.WARNING, "impv4l2.fuse"):
+        send(m, P.IOCTL, P.IOCTL_IN.pack(fh, foreign, ECHO(4), 0, 4, 4) + b"abcd", unique=9)
+    assert reply(r)[:2] == (-errno.ENOTTY, 9)
+    assert ("64-bit" if native_32bit else "32-bit") in caplog.text
+    send(m, P.IOCTL, P.IOCTL_IN.pack(fh, ours, ECHO(4), 0, 4, 4) + b"\0\1\2\3", unique=10)
+    assert reply(r)[:2] == (0, 10)
 
 
 def test_interrupt_ends_parked_request(server):

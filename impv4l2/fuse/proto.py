@@ -65,6 +65,7 @@ IOCTL_COMPAT = 1 << 0
 IOCTL_UNRESTRICTED = 1 << 1
 IOCTL_RETRY = 1 << 2
 IOCTL_32BIT = 1 << 3
+NATIVE_32BIT = struct.calcsize("P") == 4  # this process's word size (a 32-bit kernel flags all ioctls 32BIT)
 IOCTL_DIR = 1 << 4
 IOCTL_COMPAT_X32 = 1 << 5
 IOCTL_MAX_IOV = 256

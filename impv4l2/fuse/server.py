@@ -474,8 +474,11 @@ class Server:
         name = of.node.name
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s IOCTL pid=%d cmd=%#010x flags=%#x in=%d out=%d", name, pid, cmd, flags, in_size, out_size)
-        if flags & (P.IOCTL_COMPAT | P.IOCTL_32BIT) and not getattr(of.node.device, "compat32", False):
-            log.warning("%s pid %d: 32-bit ioctl %#010x refused (device has no compat32): ENOTTY", name, pid, cmd)
+        # A 32-bit kernel flags every ioctl 32BIT, a 64-bit one only its compat callers': the
+        # caller is foreign only when its word size is not this process's (fs/fuse/file.c).
+        if bool(flags & P.IOCTL_32BIT) != P.NATIVE_32BIT and not getattr(of.node.device, "compat32", False):
+            log.warning("%s pid %d: %d-bit ioctl %#010x refused (device has no compat32): ENOTTY", name, pid,
+                        32 if flags & P.IOCTL_32BIT else 64, cmd)
             self._error(unique, errno.ENOTTY)
             return
         if flags & P.IOCTL_UNRESTRICTED:
