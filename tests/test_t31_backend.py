@@ -373,3 +373,45 @@ def test_close_is_idempotent_and_logs_no_errors(fake, caplog):
     be.close()  # idempotent
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
     assert fake.calls()[-len(SYSTEM_DOWN):] == SYSTEM_DOWN and fake.calls().count("IMP_ISP_Close") == 1
+
+
+def test_a_lost_access_unit_resumes_at_an_idr(fake, monkeypatch, tmp_path):
+    """No free buffer for one AU: the AVPU encoded it anyway, so the P-frames after it would
+    reference a picture the client never got.  The backend asks for an IDR and delivers
+    nothing before it; what the client gets decodes frame for frame."""
+    av = pytest.importorskip("av")
+    import numpy as np
+    path = tmp_path / "in.h264"
+    w, h, n = 160, 128, 48
+    out = av.open(str(path), "w", format="h264")
+    st = out.add_stream("libx264", rate=30)
+    st.width, st.height, st.pix_fmt = w, h, "yuv420p"
+    st.options = {"g": "16", "bf": "0", "preset": "ultrafast", "tune": "zerolatency", "threads": "1"}
+    rng = np.random.default_rng(2)
+    for _ in range(n):
+        for pkt in st.encode(av.VideoFrame.from_ndarray(rng.integers(16, 235, (h * 3 // 2, w), dtype=np.uint8),
+                                                        format="yuv420p")):
+            out.mux(pkt)
+    for pkt in st.encode():
+        out.mux(pkt)
+    out.close()
+    monkeypatch.setenv("IMPFAKE_H264", str(path))
+
+    class OneDropSink(Sink):
+        def get_buffer(self):
+            return None if self.n == 2 and not setattr(self, "n", 3) else super().get_buffer()
+
+    be = fake.backend(channels=[(w, h, 60)])
+    sink = OneDropSink(1 << 18)
+    be.channels[0].start_encoded(EncoderParams(width=w, height=h, fps_num=60, gop=16), sink)
+    frames = sink.wait(12)
+    be.close()
+    keys = [info.keyframe for _, info in frames]
+    seqs = [info.sequence for _, info in frames]
+    assert keys[0] and not keys[1], keys  # IDR, P, then the third AU found no buffer
+    assert keys[2] and seqs[2] > 2, f"what follows the lost AU is not an IDR: {keys} (sequences {seqs})"
+    assert "IMP_Encoder_RequestIDR" in fake.calls()
+    dec = av.CodecContext.create("h264", "r")
+    decoded = sum(len(dec.decode(av.Packet(data))) for data, _ in frames) + len(dec.decode(None))
+    assert decoded == len(frames)
+    assert (fake.outstanding_streams(), fake.errors()) == (0, 0)

@@ -142,6 +142,7 @@ typedef struct { int type; uint32_t len; const uint8_t *data; } Nal;
 
 static struct {
     int created, registered, grp, recv, idr_req;
+    uint32_t file_pos;  /* the next AU of IMPFAKE_H264: an IDR jump moves the whole stream on */
     IMPEncoderChnAttr attr;
     uint8_t *ring;
     uint32_t ring_size, wpos, seq;
@@ -791,7 +792,7 @@ int IMP_Encoder_GetStream(int e, IMPEncoderStream *st, bool block)
         packs[np].length = 2 + body + 2;
         np++;
     } else if (file_data && file_naus) {
-        int au = n % file_naus;
+        int au = enc[e].file_pos % file_naus;
         if (enc[e].idr_req) {  /* jump to the next AU holding an IDR */
             for (int k = 0; k < file_naus; k++) {
                 int cand = (au + k) % file_naus, idr = 0;
@@ -800,6 +801,7 @@ int IMP_Encoder_GetStream(int e, IMPEncoderStream *st, bool block)
             }
             enc[e].idr_req = 0;
         }
+        enc[e].file_pos = au + 1;
         for (int m = file_au_start[au]; m < file_au_start[au + 1] && np < 64; m++, np++)
             add_pack(e, &packs[np], file_nals[m].type, sc, 4, file_nals[m].data, file_nals[m].len, 0, ts);
     } else {

@@ -188,6 +188,7 @@ class T31StreamChannel(EncoderChannel):
         self.capture: _Capture | None = None
         self.sink: FrameSink | None = None
         self._seq = 0
+        self._resync = False  # an AU was lost: deliver nothing before the next IDR
         self._stream = st.alloc(S.IMPEncoderStream)  # + tail: 1.1.6 writes more
 
     # the tunnel has no input port: frames come from the FrameSource
@@ -231,21 +232,37 @@ class T31StreamChannel(EncoderChannel):
             raise TimeoutError
         buf = None
         try:
-            buf = self.sink.get_buffer()
-            info = self._copy(stream, buf)
+            key = self._keyframe(stream)
+            # The AVPU encoded the AU whether or not a client buffer was free: after a drop the
+            # P-frames that follow reference a picture the client never got, so none is delivered
+            # until the IDR asked for at the drop.
+            if key:
+                self._resync = False
+            if not self._resync:
+                buf = self.sink.get_buffer()
+            info = self._copy(stream, buf, key)
+            if (buf is None or info.error) and not self._resync and self.params.codec is not Codec.JPEG:
+                self._resync = True
+                log.debug("ch%d: AU %d lost (%s): skipping to the next IDR", self.channel.index,
+                          stream.seq, "too large" if buf is not None else "no free buffer")
+                self.request_idr()
         finally:
             lib.IMP_Encoder_ReleaseStream(chn, byref(stream))  # promptly: the ring is small
         self._seq = stream.seq + 1
         if buf is not None:
             self.sink.frame_done(buf, info)
 
-    def _copy(self, stream, buf: memoryview | None) -> FrameInfo:
+    def _keyframe(self, stream) -> bool:
+        packs = stream.pack
+        return self.params.codec is Codec.JPEG or any(
+            packs[i].nalType.h264NalType == st.H264_NAL_IDR for i in range(stream.packCount))
+
+    def _copy(self, stream, buf: memoryview | None, key: bool) -> FrameInfo:
         """Assemble the access unit of ``stream`` into ``buf`` (packs in order,
         each one NAL with its start code; a pack may wrap the stream ring)."""
         n = stream.packCount
         packs = stream.pack
         ts_us = packs[0].timestamp if n else 0
-        key = self.params.codec is Codec.JPEG
         info = FrameInfo(timestamp_ns=self.channel.backend._to_monotonic_ns(ts_us), sequence=stream.seq)
         if buf is None:
             return info
@@ -263,7 +280,6 @@ class T31StreamChannel(EncoderChannel):
             if length > first:  # wrapped around the end of the ring
                 ctypes.memmove(dst + pos + first, base, length - first)
             pos += length
-            key = key or p.nalType.h264NalType == st.H264_NAL_IDR
         info.bytesused, info.keyframe = pos, key
         return info
 
