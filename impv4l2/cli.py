@@ -77,6 +77,18 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from . import bundle
+
+    try:
+        out = bundle.bundle(args.dir, arch=args.arch, prefix=args.prefix, cc=args.cc, force=args.force)
+    except bundle.BundleError as e:
+        log.error("bundle: %s", e)
+        return 1
+    print(out)
+    return 0
+
+
 def cmd_udev_info(args: argparse.Namespace) -> int:
     from . import install
 
@@ -216,6 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("udev-info", help="print udev properties of an impv4l2 node (used by the rules)")
     u.add_argument("devnode")
     u.set_defaults(func=cmd_udev_info)
+
+    b = sub.add_parser("bundle", help="write what goes onto a camera: package, shim, init script, mdev rules",
+                       description="Write a self-contained tree for PREFIX on a camera (python3 is all it "
+                       "needs there); MANIFEST inside lists what it holds.")
+    b.add_argument("dir", help="directory to write (absent or empty)")
+    b.add_argument("--arch", help="target: mipsel (T31), x86_64, aarch64 or armhf (default: this machine's)")
+    b.add_argument("--cc", help="C compiler for the shim (default: the arch's Debian cross compiler)")
+    b.add_argument("--prefix", default="/opt/impv4l2", help="where the tree goes on the camera (default %(default)s)")
+    b.add_argument("--force", action="store_true", help="replace a non-empty DIR")
+    b.set_defaults(func=cmd_bundle)
 
     ls = sub.add_parser("list", help="list the nodes of a running driver")
     ls.add_argument("--json", action="store_true")

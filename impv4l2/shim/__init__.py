@@ -1,9 +1,11 @@
 """The LD_PRELOAD shim that gives CUSE nodes mmap, and its daemon side.
 
 ``libimpv4l2-preload.so`` (C source next to this file) is built on the target
-with the system C compiler — never shipped prebuilt.  :func:`ensure_library`
-finds an up-to-date build or makes one; :func:`preload_env` returns an
-environment that loads it (``impv4l2 run -- <command>`` uses both).
+with the system C compiler.  The one exception is a camera bundle
+(``impv4l2 bundle``): a camera has no compiler, so the bundle carries the
+library cross-compiled at DIR/lib/ and no C source, and it is used as is.
+:func:`ensure_library` finds an up-to-date build or makes one; :func:`preload_env`
+returns an environment that loads it (``impv4l2 run -- <command>`` uses both).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from .protocol import VIDIOC_IMPV4L2_SHIM_INFO, VIDIOC_IMPV4L2_SHIM_MMAP
@@ -20,7 +23,7 @@ from .server import ShimServer, active_server, note_mmap_client, shim_info_ioctl
 
 __all__ = ["SOURCE", "LIBNAME", "VIDIOC_IMPV4L2_SHIM_INFO", "VIDIOC_IMPV4L2_SHIM_MMAP", "ShimServer",
            "active_server", "note_mmap_client", "shim_info_ioctl", "shim_mmap_ioctl", "build", "ensure_library", "find_library",
-           "default_library_path", "preload_env"]
+           "default_library_path", "bundled_library_path", "preload_env"]
 
 SOURCE = Path(__file__).with_name("impv4l2_preload.c")
 LIBNAME = "libimpv4l2-preload.so"
@@ -33,10 +36,18 @@ def default_library_path() -> Path:
     return Path(sys.prefix) / "lib" / "impv4l2" / LIBNAME
 
 
+def bundled_library_path() -> Path:
+    """Where a camera bundle keeps the prebuilt library: DIR/lib/, beside
+    DIR/lib/python/impv4l2/ (this package)."""
+    return Path(__file__).resolve().parent.parent.parent.parent / LIBNAME  # shim/ impv4l2/ python/ lib/
+
+
 def _candidates() -> list[Path]:
     env = os.environ.get("IMPV4L2_PRELOAD_LIB")
     paths = [Path(env)] if env else []
-    paths += [default_library_path(), Path("/usr/local/lib/impv4l2") / LIBNAME, Path("/usr/lib/impv4l2") / LIBNAME,
+    # The bundle's own build first: made from this very package's source.
+    paths += [bundled_library_path(), default_library_path(), Path("/usr/local/lib/impv4l2") / LIBNAME,
+              Path("/usr/lib/impv4l2") / LIBNAME,
               Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "impv4l2" / LIBNAME]
     return paths
 
@@ -59,10 +70,12 @@ def find_library() -> Path | None:
     return None
 
 
-def build(dest: str | os.PathLike | None = None, cc: str | None = None, force: bool = False) -> Path:
+def build(dest: str | os.PathLike | None = None, cc: str | None = None, force: bool = False,
+          flags: Sequence[str] = ()) -> Path:
     """Compile the shim into ``dest`` (default :func:`default_library_path`)
-    unless it is already newer than the source.  Atomic: a concurrent user
-    never sees a half-written library."""
+    unless it is already newer than the source; ``flags`` are added to CFLAGS
+    (a cross compiler's -march/-mabi).  Atomic: a concurrent user never sees a
+    half-written library."""
     out = Path(dest) if dest else default_library_path()
     if not force and _fresh(out):
         return out
@@ -73,7 +86,7 @@ def build(dest: str | os.PathLike | None = None, cc: str | None = None, force: b
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        r = subprocess.run([compiler, *CFLAGS, "-o", tmp, str(SOURCE), *LIBS], capture_output=True, text=True)
+        r = subprocess.run([compiler, *CFLAGS, *flags, "-o", tmp, str(SOURCE), *LIBS], capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"building {LIBNAME} failed:\n{r.stderr.strip()}")
         os.chmod(tmp, 0o755)
@@ -89,6 +102,9 @@ def ensure_library() -> Path:
     lib = find_library()
     if lib is not None:
         return lib
+    if not SOURCE.exists():  # a bundle (no source, no compiler on a camera): never build
+        raise RuntimeError(f"no {LIBNAME} at {bundled_library_path()} (the bundle ships it prebuilt; "
+                           "rebuild the bundle with `impv4l2 bundle`)")
     errors = []
     for dest in (default_library_path(), _candidates()[-1]):
         try:
