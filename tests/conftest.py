@@ -36,6 +36,8 @@ def _load_vm_module(stem: str):
 _load_vm_module("chroots")  # newer conformance tools (tests/vm/chroots.py), used by the harness
 served = _load_vm_module("served")  # the real daemon for vm tests (tests/vm/served.py)
 harness = _load_vm_module("harness")
+_load_vm_module("mips")  # the mipsel guest (tests/vm/mips.py)
+mips_stage = _load_vm_module("mips_stage")  # its boots for tests/test_mips.py, in the background
 _VM_RUN = pytest.StashKey["object"]()
 
 
@@ -51,6 +53,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         harness.guest_deselect(config, items)
     else:
         config.stash[_VM_RUN] = harness.host_wrap(config, items)
+        mips_selected = any(i.get_closest_marker("mips") is not None for i in items)
+        if mips_selected and not harness.SKIP_VM and os.environ.get("IMPV4L2_SKIP_MIPS") != "1":
+            mips_stage.start()  # TCG uses one core: the boots overlap the host tests
 
 
 TEST_TIMEOUT = float(os.environ.get("IMPV4L2_TEST_TIMEOUT", "300"))
@@ -59,7 +64,8 @@ TEST_TIMEOUT = float(os.environ.get("IMPV4L2_TEST_TIMEOUT", "300"))
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem):
     # a proxy's runtest is the whole VM run, bounded by IMPV4L2_VM_TIMEOUT instead
-    if TEST_TIMEOUT <= 0 or isinstance(item, harness.VMProxyItem):
+    # and a mips test's first one boots its guest, bounded by the boot's own timeout
+    if TEST_TIMEOUT <= 0 or isinstance(item, harness.VMProxyItem) or item.get_closest_marker("mips"):
         return (yield)
 
     def expired(signum, frame):
@@ -86,6 +92,10 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if lines := mips_stage.summary():
+        terminalreporter.write_sep("-", "impv4l2 MIPS stage")
+        for line in lines:
+            terminalreporter.write_line(line)
     vm = config.stash.get(_VM_RUN, None)
     if vm is None or not vm.done:
         return

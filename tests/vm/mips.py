@@ -6,7 +6,7 @@ has Python 3.11 (32-bit) and the host directories the caller shares (the project
 
 Host side, :func:`ensure_root` (once; later calls reuse the cache, keyed by a hash of the recipe):
 ``mmdebstrap --variant=extract --arch=mipsel`` downloads python3-minimal, libpython3.11-stdlib,
-busybox-static and their dependencies and only unpacks them (no maintainer scripts, so no
+busybox-static, v4l-utils, ffmpeg and their dependencies and only unpacks them (no maintainer scripts, so no
 qemu-user or binfmt_misc); an extract hook adds the kernel package without its dependencies
 (``apt-get download`` + ``dpkg-deb -x``: vmlinuz and /lib/modules).  Then, still on the host:
 ``depmod`` for the guest's modules, busybox applet links (names read from busybox's applet table),
@@ -25,7 +25,7 @@ then ``reboot -f`` (QEMU exits on ``-no-reboot``).  The status comes from the fi
 the fallback.
 
 Measured on the 2-core dev machine (no KVM, idle host), ``python3 tests/vm/mips.py``:
-cold build 10-19 s (mmdebstrap downloads ~30 MB; depmod, pyc, kernel unpack ~3 s), warm
+cold build 10-19 s without v4l-utils/ffmpeg, ~55 s with them (~650 MB unpacked) (mmdebstrap downloads ~30 MB then; depmod, pyc, kernel unpack ~3 s), warm
 ensure_root < 1 ms, boot to the command ~4.6 s (~2 s of it is the Malta kernel timing the CPU
 against the RTC in real time), the smoke payload's whole boot ~6.3 s.  The cache is ~280 MB
 (181 MB of it the kernel's modules, all kept).  A 128 MB guest has ~100 MB available at the
@@ -56,7 +56,9 @@ from pathlib import Path
 
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
-PACKAGES = ("python3-minimal", "libpython3.11-stdlib", "busybox-static")
+# the camera-shaped runtime (Python without numpy/PyAV/pyudev) and the clients the MIPS stage
+# runs there: v4l2-ctl and v4l2-compliance 1.22, ffmpeg 5.1 (~600 MB unpacked, ~1 min to build)
+PACKAGES = ("python3-minimal", "libpython3.11-stdlib", "busybox-static", "v4l-utils", "ffmpeg")
 KERNEL_META = "linux-image-4kc-malta"
 RECIPE = 3  # bump when the host-side preparation of the root changes
 # initramfs modules: virtio-pci and 9p (their dependencies come from modules.dep)
@@ -294,7 +296,8 @@ def boot(cache: Path, command: str, *, memory_mb: int = 128, timeout: float = 60
          timings: dict[str, float] | None = None) -> tuple[int, str]:
     """Boot the mipsel guest, run ``command`` with /bin/sh there, power off.
 
-    ``shares`` maps guest path -> host directory (read-only); ``out`` is the host directory
+    ``shares`` maps guest path -> host directory (read-only; at most two: the Malta board has PCI
+    slots for four virtio-9p devices with the root and /out); ``out`` is the host directory
     mounted read-write at /out (a temporary one when None).  Returns (exit status of the
     command, console log); 124 on timeout, 255 when the guest failed before the command.
     ``timings`` (if given) receives ``boot_to_command`` and ``total`` in seconds."""
