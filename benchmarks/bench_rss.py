@@ -46,6 +46,8 @@ def serve(argv0: list[str], tmp: Path, w: int, h: int, nodes: str) -> tuple[subp
     cfg.write_text(textwrap.dedent(f"""
         backend = "t31"
         [t31]
+        sensor = "gc2053"
+        i2c_addr = 0x37
         sensor_width = {w}
         sensor_height = {h}
         [main]

@@ -32,7 +32,8 @@ class CountSink:
 
 
 def run(kind, w, h, fps, seconds=2.0):
-    be = T31Backend(lib_path=str(build_fake()), channels=[(w, h, fps)], sensor_width=w, sensor_height=h)
+    be = T31Backend(lib_path=str(build_fake()), channels=[(w, h, fps)],
+                    sensor="gc2053", i2c_addr=0x37, sensor_width=w, sensor_height=h)
     sink = CountSink(w * h * 3 // 2)
     c0, t0 = time.process_time(), time.monotonic()
     if kind == "nv12":

@@ -195,11 +195,12 @@ CONFIG = """# impv4l2 on a T31 camera: the bundle's default.  Copy it to /etc/im
 backend = "t31"
 log_level = "info"
 
-[t31]                        # libimp's sensor description (see /proc/jz/sensor/)
-sensor = "gc2053"
-i2c_addr = 0x37
-sensor_width = 1920
-sensor_height = 1080
+[t31]                        # the sensor comes from /proc/jz/sensor/ (thingino's sensor-info);
+# without it, or to override it, name it here:
+# sensor = "gc2053"
+# i2c_addr = 0x37
+# sensor_width = 1920
+# sensor_height = 1080
 
 [main]                       # frame channel 0
 width = 1920

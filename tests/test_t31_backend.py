@@ -13,24 +13,41 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from fakes.build import build_fake  # noqa: E402
 
-from impv4l2.driver.base import Codec, EncoderParams, FrameInfo  # noqa: E402
-from impv4l2.driver.t31.backend import T31Backend  # noqa: E402
-from impv4l2.driver.t31.libimp import ENV_LIBIMP, T31Error  # noqa: E402
+from impv4l2.driver.base import ChannelMode, Codec, EncoderParams, FrameInfo, RcMode, SensorInfo  # noqa: E402
+from impv4l2.driver.t31 import structs  # noqa: E402
+from impv4l2.driver.t31.backend import OSD_POOL_SIZE, T31Backend  # noqa: E402
+from impv4l2.driver.t31.libimp import ENV_LIBIMP, LibImp, T31Error  # noqa: E402
 
 ENV = ("IMPFAKE_LOG", "IMPFAKE_FAIL_AT", "IMPFAKE_POLL_TIMEOUT", "IMPFAKE_FRAME_TIMEOUT",
-       "IMPFAKE_H264", "IMPFAKE_RING_SIZE", ENV_LIBIMP)
+       "IMPFAKE_H264", "IMPFAKE_RING_SIZE", "IMPFAKE_VERSION", ENV_LIBIMP)
 
-SYSTEM_UP = ["IMP_ISP_Open", "IMP_ISP_AddSensor", "IMP_ISP_EnableSensor", "IMP_System_Init",
-             "IMP_ISP_EnableTuning"]
+# sample-common.c's sample_system_init: the OSD pool before ISP_Open (no undo), then each step
+# with its undo in SYSTEM_DOWN (reverse order)
+SYSTEM_UP = ["IMP_OSD_SetPoolSize", "IMP_ISP_Open", "IMP_ISP_AddSensor", "IMP_ISP_EnableSensor",
+             "IMP_System_Init", "IMP_ISP_EnableTuning"]
 SYSTEM_DOWN = ["IMP_ISP_DisableTuning", "IMP_System_Exit", "IMP_ISP_DisableSensor",
                "IMP_ISP_DelSensor", "IMP_ISP_Close"]
+UNDO = dict(zip(SYSTEM_UP[1:], SYSTEM_DOWN[::-1]))
+
+
+def write_proc_sensor(root: Path, **values) -> Path:
+    """A /proc/jz/sensor as thingino's sensor-info module makes it (one value a file)."""
+    root.mkdir(parents=True, exist_ok=True)
+    values = {"name": "gc2053", "i2c_addr": "0x37", "width": 1920, "height": 1080, "max_fps": 30,
+              **values}
+    for name, value in values.items():
+        (root / name).write_text(f"{value}\n")
+    return root
 
 
 class Fake:
     def __init__(self, path: Path, log: Path):
         self.path, self.log = path, log
+        self.proc = write_proc_sensor(log.parent / "proc-jz-sensor", max_fps=60)
+        self.made: list[T31Backend] = []  # closed at teardown: a failed test leaves no capture thread
         self.so = ctypes.CDLL(str(path))
         self.so.impfake_get_tuning.argtypes = [ctypes.c_char_p]
+        self.so.impfake_bitrate.argtypes = [ctypes.c_int, ctypes.c_int]
         self.so.impfake_reset()
         log.write_text("")
 
@@ -47,7 +64,10 @@ class Fake:
 
     def backend(self, **kw) -> T31Backend:
         kw.setdefault("channels", [(320, 240, 60), (160, 120, 60)])
-        return T31Backend(lib_path=str(self.path), **kw)
+        kw.setdefault("proc_root", str(self.proc))
+        be = T31Backend(lib_path=str(self.path), **kw)
+        self.made.append(be)
+        return be
 
 
 @pytest.fixture
@@ -56,7 +76,16 @@ def make_fake(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     log = tmp_path / "imp.log"
     monkeypatch.setenv("IMPFAKE_LOG", str(log))
-    return lambda omit=(): Fake(build_fake(omit=tuple(omit)), log)
+    fakes: list[Fake] = []
+
+    def make(omit=()):
+        fakes.append(Fake(build_fake(omit=tuple(omit)), log))
+        return fakes[-1]
+
+    yield make
+    for f in fakes:
+        for be in f.made:
+            be.close()
 
 
 @pytest.fixture
@@ -126,7 +155,9 @@ def test_raw_nv12_counter_frames_and_sequence(fake):
     for i, (data, info) in enumerate(frames[:6]):
         assert not info.error and info.bytesused == w * h * 3 // 2
         assert int.from_bytes(data[:8], "little") == i  # the fake's counter
-        assert data[w * h - 1] == i & 0xFF and data[w * h:] == b"\x80" * (w * h // 2)
+        assert data[8:w * h] == bytes([i & 0xFF]) * (w * h - 8)
+        # 120 lines: the vendor's UV plane starts at w * 128, after 8 rows of padding (zeros)
+        assert data[w * h:] == b"\x50\xb0" * (w * h // 4), "chroma read from the padding rows"
         assert info.sequence == i
     stamps = [info.timestamp_ns for _, info in frames]
     assert stamps == sorted(stamps) and abs(stamps[-1] - time.monotonic_ns()) < 10e9
@@ -251,7 +282,7 @@ def test_missing_library_is_one_clear_error(tmp_path, monkeypatch):
 
 def test_env_var_selects_library(fake, monkeypatch):
     monkeypatch.setenv(ENV_LIBIMP, str(fake.path))
-    be = T31Backend(channels=[(320, 240, 30)])
+    be = T31Backend(channels=[(320, 240, 30)], proc_root=str(fake.proc))
     assert be.lib.path == str(fake.path)
     be.close()
     assert fake.calls() == SYSTEM_UP + SYSTEM_DOWN
@@ -299,7 +330,7 @@ def test_init_failure_unwinds_everything(fake, monkeypatch, failing):
     with pytest.raises(T31Error, match=failing):
         fake.backend()
     done = SYSTEM_UP[:SYSTEM_UP.index(failing)]
-    undo = [SYSTEM_DOWN[len(SYSTEM_UP) - 1 - i] for i in range(len(done))][::-1]
+    undo = [UNDO[c] for c in reversed(done) if c in UNDO]
     assert fake.calls() == done + [failing] + undo
     assert (fake.open_resources(), fake.errors()) == (0, 0)
 
@@ -312,7 +343,7 @@ def test_channel_start_failure_unwinds_and_recovers(fake, monkeypatch, failing):
     params = EncoderParams(width=320, height=240, fps_num=60)
     with pytest.raises(T31Error, match=failing):
         be.channels[0].start_encoded(params, sink)
-    assert fake.open_resources() == 5  # only the system part is still up
+    assert fake.open_resources() == 5  # only the system part is still up (ISP, sensor x2, system, tuning)
     monkeypatch.delenv("IMPFAKE_FAIL_AT")
     be.channels[0].start_encoded(params, sink)
     sink.wait(2)
@@ -415,3 +446,182 @@ def test_a_lost_access_unit_resumes_at_an_idr(fake, monkeypatch, tmp_path):
     decoded = sum(len(dec.decode(av.Packet(data))) for data, _ in frames) + len(dec.decode(None))
     assert decoded == len(frames)
     assert (fake.outstanding_streams(), fake.errors()) == (0, 0)
+
+
+# ---------------------------------------------------------------- issue 10: vendor fidelity
+
+def test_bitrate_change_reaches_the_library_in_bit_per_s(fake):
+    """IMP_Encoder_SetChnBitRate takes bit/s (1.1.4 zh, 1.1.6 en imp_encoder.h), unlike
+    SetDefaultParam's kbit/s: a change while streaming arrives as the same number."""
+    be = fake.backend()
+    sink = Sink(1 << 20)
+    enc = be.channels[0].start_encoded(EncoderParams(width=320, height=240, fps_num=60, rc_mode=RcMode.CBR,
+                                                     bitrate=2_000_000, max_bitrate=2_000_000), sink)
+    sink.wait(2)
+    assert "br=2000" in next(ln for ln in fake.lines() if ln.startswith("IMP_Encoder_SetDefaultParam"))
+    enc.update(bitrate=3_500_000, max_bitrate=4_000_000)
+    assert (fake.bitrate(0, 0), fake.bitrate(0, 1)) == (3_500_000, 4_000_000)
+    assert "IMP_Encoder_SetChnBitRate 0 3500000 4000000" in fake.lines()
+    # a JPEG channel and a FIXQP one have no bit rate to set (the vendor refuses): not called
+    jpeg = be.channels[1].start_encoded(EncoderParams(codec=Codec.JPEG, width=160, height=120, fps_num=60), Sink(1 << 16))
+    jpeg.update(bitrate=1_000_000)
+    be.close()
+    fixqp = fake.backend().channels[0].start_encoded(EncoderParams(width=320, height=240, fps_num=60,
+                                                                   rc_mode=RcMode.FIXQP), Sink(1 << 20))
+    fixqp.update(bitrate=1_000_000)
+    fixqp.channel.backend.close()
+    assert [ln for ln in fake.lines() if ln.startswith("IMP_Encoder_SetChnBitRate")] == \
+        ["IMP_Encoder_SetChnBitRate 0 3500000 4000000"]
+    assert fake.errors() == 0
+
+
+def test_fake_refuses_bitrates_as_the_vendor_does(fake):
+    be = fake.backend()
+    be.channels[0].start_encoded(EncoderParams(codec=Codec.JPEG, width=320, height=240, fps_num=60), Sink(1 << 16))
+    assert fake.so.IMP_Encoder_SetChnBitRate(4, 2_000_000, 2_000_000) == -1  # JPEG channel
+    be.close()
+    assert fake.errors() == 1
+
+
+@pytest.mark.parametrize("ch,size", [(0, (320, 360)), (1, (160, 120))])
+def test_raw_nv12_chroma_comes_from_the_vendors_uv_plane(fake, ch, size):
+    """360 and 120 lines are not multiples of 16: the vendor's UV plane starts at
+    w * ALIGN16(h), after padding rows; a w*h*3/2 contiguous copy takes 8 of them as chroma."""
+    w, h = size
+    be = fake.backend(channels=[(320, 360, 60), (160, 120, 60)])
+    sink = Sink(w * h * 3 // 2)
+    be.channels[ch].start(sink)
+    frames = sink.wait(3)
+    be.close()
+    for data, info in frames:
+        assert info.bytesused == w * h * 3 // 2 and not info.error
+        assert data[8:w * h] == bytes([info.sequence & 0xFF]) * (w * h - 8)
+        assert data[w * h:] == b"\x50\xb0" * (w * h // 4)
+    assert fake.errors() == 0
+
+
+def test_frame_source_widths_are_multiples_of_16(fake, caplog):
+    """The vendor's CreateChn refuses other widths (and chn0 not FS_PHY_CHANNEL); the
+    backend's sizes and modes never ask for one: a 1000-wide sensor gives a 992-wide main."""
+    be = fake.backend(sensor_width=1000, sensor_height=562, channels=None)
+    main = be.channels[0]
+    assert main.mode == ChannelMode(992, 562, 60)
+    assert all(w % 16 == 0 for w, _ in main.sizes()) and (992, 562) in main.sizes()
+    with pytest.raises(ValueError, match="multiple of 16"):
+        main.configure(ChannelMode(328, 240, 30))
+    sink = Sink(992 * 562 * 3 // 2)
+    main.start(sink)
+    sink.wait(2)
+    main.stop()
+    # the fake itself: a width of 328 and an extension channel 0 are refused
+    attr = structs.native.IMPFSChnAttr(picWidth=328, picHeight=240, pixFmt=structs.PIX_FMT_NV12,
+                                       outFrmRateNum=30, outFrmRateDen=1, nrVBs=2)
+    assert fake.so.IMP_FrameSource_CreateChn(0, ctypes.byref(attr)) == -1
+    attr.picWidth, attr.type = 320, 1  # FS_EXT_CHANNEL
+    assert fake.so.IMP_FrameSource_CreateChn(0, ctypes.byref(attr)) == -1
+    be.close()
+    assert fake.errors() == 2
+    be = fake.backend(channels=[(330, 240, 30)])
+    assert be.channels[0].mode.width == 320 and "not a multiple of 16" in caplog.text
+    be.close()
+
+
+@pytest.mark.parametrize("version,sdk,stream", [
+    ("IMP-1.1.6", "1.1.6", "IMPEncoderStream_116"), ("IMP-1.1.5.2", "1.1.5.2", "IMPEncoderStream"),
+    ("IMP-1.1.5", "1.1.5", "IMPEncoderStream_115"), ("IMP-1.1.4", "1.1.4", "IMPEncoderStream_114"),
+    ("IMP-1.1.1", "1.1.1", "IMPEncoderStream")])
+def test_sdk_release_from_imp_system_getversion(fake, monkeypatch, caplog, version, sdk, stream):
+    monkeypatch.setenv("IMPFAKE_VERSION", version)
+    caplog.set_level("INFO", "impv4l2.t31")
+    be = fake.backend()
+    assert (be.libimp_version, be.sdk, be.stream_cls.__name__) == (version, sdk, stream)
+    assert be.frame_cls.__name__ == ("IMPFrameInfo_116" if sdk == "1.1.6" else "IMPFrameInfo")
+    sink = Sink(1 << 20)
+    sc = be.channels[0].start_encoded(EncoderParams(width=320, height=240, fps_num=60), sink)
+    sink.wait(3)
+    be.close()
+    if hasattr(sc._stream_full, "streamInfo"):  # the release's tail of the last AU, as the fake wrote it
+        tail = sc._stream_full.streamInfo
+        assert (tail.iNumBytes, tail.iSliceQP) == (sink.frames[-1][1].bytesused, 30)
+    start = [r.getMessage() for r in caplog.records if r.getMessage().startswith("t31: libimp")]
+    assert len(start) == 1 and version in start[0] and "gc2053" in start[0], start
+    assert fake.errors() == 0
+
+
+def test_sdk_option_overrides_and_is_checked(fake, monkeypatch, caplog):
+    be = fake.backend(sdk="1.1.5")
+    assert be.sdk == "1.1.5" and "overrides libimp's IMP-1.1.6" in caplog.text
+    be.close()
+    with pytest.raises(T31Error, match="1.1.9"):
+        fake.backend(sdk="1.1.9")
+    monkeypatch.setenv("IMPFAKE_VERSION", "IMP-1.1.7")  # unknown: the newest release below it
+    be = fake.backend()
+    assert be.sdk == "1.1.6" and "not a release known here" in caplog.text
+    be.close()
+
+
+def test_sensor_from_proc_jz_sensor_configuration_overriding(fake, tmp_path, caplog):
+    caplog.set_level("INFO", "impv4l2.t31")
+    proc = write_proc_sensor(tmp_path / "sensor", name="sc2336", i2c_addr="0x30", width=1920, height=1080,
+                             max_fps=20)
+    be = fake.backend(proc_root=str(proc), channels=[(320, 240, 20)])
+    assert be.sensor == SensorInfo("sc2336", 1920, 1080, 20)  # runs at the sensor's max_fps
+    assert be.channels[0].max_width == 1920
+    be.close()
+    assert "IMP_ISP_AddSensor sc2336 i2c=0x30" in fake.lines()
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("t31: libimp"))
+    assert "IMP-1.1.6" in line and "sc2336 at i2c 0x30" in line and str(proc) in line
+    # configuration wins, field by field; a rate above max_fps is clamped
+    be = fake.backend(proc_root=str(proc), sensor="gc4653", i2c_addr="0x29", fps=30, channels=[(320, 240, 20)])
+    assert be.sensor == SensorInfo("gc4653", 1920, 1080, 20)
+    be.close()
+    assert "IMP_ISP_AddSensor gc4653 i2c=0x29" in fake.lines()
+    assert "overriding i2c_addr, sensor" in caplog.text and "fps 30 above the sensor's 20" in caplog.text
+
+
+def test_no_proc_jz_sensor_needs_a_configured_sensor(fake, tmp_path):
+    with pytest.raises(T31Error, match=r"no .*nowhere.*name it in the \[t31\] configuration "
+                                       r"\(sensor, i2c_addr, sensor_width, sensor_height\)"):
+        fake.backend(proc_root=str(tmp_path / "nowhere"))
+    assert fake.calls() == []  # before touching the hardware
+    be = fake.backend(proc_root=str(tmp_path / "nowhere"), sensor="jxf23", i2c_addr=0x40, sensor_width=1920,
+                      sensor_height=1080, fps=15)
+    assert be.sensor == SensorInfo("jxf23", 1920, 1080, 15)
+    be.close()
+    assert "IMP_ISP_AddSensor jxf23 i2c=0x40" in fake.lines()
+
+
+def test_bringup_sets_the_osd_pool_first_and_the_day_mode(fake):
+    """sample-common.c: IMP_OSD_SetPoolSize before IMP_ISP_Open (later there is no rmem for OSD),
+    IMPISP_RUNNING_MODE_DAY right after EnableTuning."""
+    be = fake.backend()
+    lines = fake.lines()
+    assert lines[0] == f"IMP_OSD_SetPoolSize {OSD_POOL_SIZE}" and lines[1] == "IMP_ISP_Open"
+    tuning = lines.index("IMP_ISP_EnableTuning")
+    assert lines[tuning + 1] == "IMP_ISP_Tuning_SetISPRunningMode 0"
+    assert fake.so.impfake_get_tuning(b"osd_pool") == OSD_POOL_SIZE
+    assert fake.so.IMP_OSD_SetPoolSize(1 << 20) == -1  # after ISP_Open: refused like the vendor
+    be.close()
+    assert fake.errors() == 1
+
+
+STUB_ALOG = "int IMP_Log_Get_Option(void) { return 0; }\nvoid imp_log_fun(int l, int o, int t) { (void)l; (void)o; (void)t; }\n"
+
+
+def test_preloads_what_libimp_needs_and_names_what_is_missing(make_fake, tmp_path):
+    """The vendor's libimp.so uses libalog's symbols without a DT_NEEDED for it: the loader
+    preloads libalog.so (from libimp's directory first) RTLD_GLOBAL, and names it when missing."""
+    import shutil
+    import subprocess
+    from fakes.build import build_fake as build
+    lib = tmp_path / "libimp.so"
+    shutil.copy(build(cflags=("-DIMPFAKE_NEEDS_ALOG",)), lib)
+    with pytest.raises(T31Error) as e:
+        LibImp(lib)
+    assert "IMP_Log_Get_Option" in str(e.value)  # dlopen's undefined symbol
+    assert "libalog.so (imp_log_fun, IMP_Log_Get_Option) not found to preload" in str(e.value)
+    src = tmp_path / "alog.c"
+    src.write_text(STUB_ALOG)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(tmp_path / "libalog.so"), str(src)], check=True)
+    loaded = LibImp(lib)
+    assert str(tmp_path / "libalog.so") in loaded._preloaded and loaded.path == str(lib)

@@ -36,13 +36,13 @@ ROOT = Path(__file__).resolve().parent.parent
 IMPV4L2 = str(ROOT / ".venv" / "bin" / "impv4l2")
 CAMERA_RUNTIME = [sys.executable, str(ROOT / "tests" / "clients" / "camera_runtime.py")]
 FAKE_ENV = ("IMPFAKE_LOG", "IMPFAKE_FAIL_AT", "IMPFAKE_POLL_TIMEOUT", "IMPFAKE_FRAME_TIMEOUT",
-            "IMPFAKE_H264", "IMPFAKE_RING_SIZE", "IMPV4L2_LIBIMP")
+            "IMPFAKE_H264", "IMPFAKE_RING_SIZE", "IMPFAKE_VERSION", "IMPV4L2_LIBIMP")
 W, H, FPS = 1280, 720, 30  # the fake sensor = the main channel
 SUB_W, SUB_H = 640, 360
 H264_FRAMES = 45  # in the pre-encoded file; the fake loops over it
 
-SYSTEM_UP = ["IMP_ISP_Open", "IMP_ISP_AddSensor", "IMP_ISP_EnableSensor", "IMP_System_Init",
-             "IMP_ISP_EnableTuning"]
+SYSTEM_UP = ["IMP_OSD_SetPoolSize", "IMP_ISP_Open", "IMP_ISP_AddSensor", "IMP_ISP_EnableSensor",
+             "IMP_System_Init", "IMP_ISP_EnableTuning"]
 SYSTEM_DOWN = ["IMP_ISP_DisableTuning", "IMP_System_Exit", "IMP_ISP_DisableSensor",
                "IMP_ISP_DelSensor", "IMP_ISP_Close"]
 # One capture session per client, bring-up then the reverse teardown (SDK samples' order).
@@ -62,10 +62,14 @@ def mounted(path: str) -> bool:
         return any(line.split()[1] == path for line in f)
 
 
+# Controls while streaming (not session steps), tuning calls and the fake's notes
+NOT_SESSION = ("IMP_ISP_Tuning_", "IMP_Encoder_SetChnBitRate", "IMP_Encoder_SetChnGopLength", "FAIL ", "ERR ",
+               "EXIT ")
+
+
 def imp_calls(log: Path) -> list[str]:
-    """Recorded call names (tuning calls, FAIL/ERR/EXIT notes left out)."""
-    return [ln.split()[0] for ln in log.read_text().splitlines()
-            if ln and not ln.startswith(("IMP_ISP_Tuning_", "FAIL ", "ERR ", "EXIT "))]
+    """Recorded call names (NOT_SESSION left out)."""
+    return [ln.split()[0] for ln in log.read_text().splitlines() if ln and not ln.startswith(NOT_SESSION)]
 
 
 def exit_summary(log: Path) -> dict[str, int]:
@@ -88,12 +92,24 @@ def split_sessions(calls: list[str]) -> list[str]:
     return kinds
 
 
+def write_proc_sensor(root: Path) -> Path:
+    """A /proc/jz/sensor as thingino's sensor module makes it: the fake sensor (W x H)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, value in (("name", "gc2053"), ("i2c_addr", "0x37"), ("width", W), ("height", H),
+                        ("max_fps", FPS)):
+        (root / name).write_text(f"{value}\n")
+    return root
+
+
 def write_config(path: Path, backend: str, mount: Path, base: int, extra: str = "") -> Path:
+    if backend == "t31":  # the sensor from its /proc/jz/sensor (backend option proc_root)
+        table = f'proc_root = "{write_proc_sensor(path.parent / "proc-jz-sensor")}"'
+    else:
+        table = f"width = {W}\nheight = {H}"
     path.write_text(textwrap.dedent(f"""
         backend = "{backend}"
         [{backend}]
-        sensor_width = {W}
-        sensor_height = {H}
+        {table}
         {extra}
         [main]
         width = {W}
@@ -122,11 +138,7 @@ class Serve:
         self.mount = tmp / f"mnt-{backend}"
         self.mount.mkdir(exist_ok=True)
         self.out = tmp / f"serve-{backend}.log"
-        if backend == "sim":  # the sim backend takes width/height, not the t31 sensor options
-            cfg = write_config(tmp / "sim.toml", "sim", self.mount, base)
-            cfg.write_text(cfg.read_text().replace("sensor_width", "width").replace("sensor_height", "height"))
-        else:
-            cfg = write_config(tmp / f"{backend}.toml", backend, self.mount, base, extra)
+        cfg = write_config(tmp / f"{backend}.toml", backend, self.mount, base, extra)
         self.env = {k: v for k, v in os.environ.items() if k not in FAKE_ENV} | env
         self.argv = [*(launcher or [IMPV4L2]), "serve", "--backend", backend, "--mount", str(self.mount), "--cuse", "off",
                      "--config", str(cfg)]
@@ -285,9 +297,9 @@ def test_ffmpeg_nv12_from_main_30_frames_of_the_fake_counter(served, tmp_path):
     frames = np.frombuffer(raw, np.uint8).reshape(30, W * H * 3 // 2)
     counters = [int.from_bytes(f[:8].tobytes(), "little") for f in frames]
     assert all(b > a for a, b in zip(counters, counters[1:])), counters
-    for f, n in zip(frames, counters):  # the fake's pattern: Y = counter byte, UV = 0x80
+    for f, n in zip(frames, counters):  # the fake's pattern: Y = counter byte, U 0x50, V 0xb0
         assert f[W * H - 1] == n & 0xFF and f[8:W * H].min() == f[8:W * H].max() == n & 0xFF
-        assert (f[W * H:] == 0x80).all()
+        assert (f[W * H::2] == 0x50).all() and (f[W * H + 1::2] == 0xB0).all()
 
 
 # ---------------------------------------------------------------- (3) H.264
@@ -348,6 +360,41 @@ def test_camera_runtime_sim_backend_is_one_clear_error(tmp_path):
     assert "Traceback" not in res.stderr
 
 
+# ---------------------------------------------------------------- (3c) issue 10 through the daemon
+
+
+
+def test_bitrate_through_s_ext_ctrls_reaches_the_library_as_the_same_bit_per_s(served):
+    res = subprocess.run([sys.executable, "-c", BITRATE_CLIENT, served.node("sub"), "H264", str(SUB_W), str(SUB_H),
+                          "3000000"],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+    sets = [ln.split() for ln in served.imp_log.read_text().splitlines()
+            if ln.startswith("IMP_Encoder_SetChnBitRate")]
+    assert sets and sets[-1][1:3] == ["1", "3000000"], sets  # encoder channel 1 = the sub node's
+
+
+def test_start_log_names_the_sdk_and_the_sensor(served):
+    line = next(ln for ln in served.text().splitlines() if "t31: libimp" in ln)
+    assert "IMP-1.1.6 (SDK 1.1.6 structs)" in line and "sensor gc2053 at i2c 0x37" in line, line
+    assert "proc-jz-sensor" in line and f"{W}x{H}" in line, line
+
+
+def test_no_proc_jz_sensor_and_no_configured_sensor_is_one_error(tmp_path, fake_lib):
+    d = Serve(tmp_path, "t31", {"IMPV4L2_LIBIMP": str(fake_lib)}, base=80)
+    cfg = Path(d.argv[d.argv.index("--config") + 1])
+    cfg.write_text(re.sub(r'proc_root = ".*"', f'proc_root = "{tmp_path / "no-such-dir"}"', cfg.read_text()))
+    try:
+        res = d.run(timeout=10)
+    finally:  # a daemon that came up (and was killed on the timeout) must not leave its mount
+        if mounted(str(d.mount)):
+            subprocess.run(["umount", "-l", str(d.mount)], check=False)
+            pytest.fail("the daemon came up without a sensor")
+    errors = [ln for ln in res.stderr.splitlines() if " ERROR " in ln]
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert len(errors) == 1 and "name it in the [t31] configuration (sensor, i2c_addr" in errors[0], res.stderr
+
+
 # ---------------------------------------------------------------- (4) teardown record
 
 def test_sigterm_releases_everything_in_reverse_sdk_order(served, tmp_path):
@@ -401,15 +448,17 @@ def test_init_failure_is_a_clean_error_and_unwinds(tmp_path, fake_lib):
     assert len(errors) == 1 and "IMP_System_Init" in errors[0], res.stderr
     assert "Traceback" not in res.stderr
     assert not mounted(str(d.mount))
-    assert imp_calls(log) == SYSTEM_UP[:4] + ["IMP_ISP_DisableSensor", "IMP_ISP_DelSensor", "IMP_ISP_Close"]
+    assert imp_calls(log) == SYSTEM_UP[:5] + ["IMP_ISP_DisableSensor", "IMP_ISP_DelSensor", "IMP_ISP_Close"]
     assert exit_summary(log) == {"streams": 0, "frames": 0, "open": 0, "errors": 0}
     print(f"\ninit failure: exit {res.returncode} after {d.elapsed * 1000:.0f} ms: {errors[0]}")
 
 
-# A capture client in its own process (a hang cannot take the test with it):
-# USERPTR streaming of argv[2] (a fourcc) at argv[3]x argv[4]; prints one line
-# per DQBUF, "flags <n> bytes <n>" or "errno <name>", then exits.
-CLIENT = r"""
+# Capture clients in their own process (a hang cannot take the test with it): USERPTR
+# streaming of argv[2] (a fourcc) at argv[3]x argv[4] on node argv[1].  CLIENT prints one
+# line per DQBUF, "flags <n> bytes <n>" or "errno <name>", then exits; BITRATE_CLIENT takes
+# one AU, sets the codec-class bit rate argv[5] with VIDIOC_S_EXT_CTRLS while streaming,
+# takes one more and prints "ok".
+USERPTR_CLIENT = r"""
 import ctypes, errno, fcntl, os, sys
 from linuxpy.video import raw
 from impv4l2.v4l2 import abi
@@ -431,6 +480,8 @@ def qbuf(i):
 for i in range(r.count):
     qbuf(i)
 ioc("STREAMON", ctypes.c_int(CAP))
+"""
+CLIENT = USERPTR_CLIENT + r"""
 for _ in range(3):
     b = raw.v4l2_buffer(); b.type, b.memory = CAP, UPTR
     try:
@@ -441,6 +492,22 @@ for _ in range(3):
     print("flags", b.flags, "bytes", b.bytesused, flush=True)
     qbuf(b.index)
 ioc("STREAMOFF", ctypes.c_int(CAP))
+"""
+BITRATE_CLIENT = USERPTR_CLIENT + r"""
+def dqbuf():
+    b = raw.v4l2_buffer(); b.type, b.memory = CAP, UPTR
+    ioc("DQBUF", b)
+    qbuf(b.index)
+dqbuf()
+arr = (abi.v4l2_ext_control * 1)()
+arr[0].id, arr[0].value = abi.CID.MPEG_VIDEO_BITRATE, int(sys.argv[5])
+cs = abi.v4l2_ext_controls()
+cs.which, cs.count = abi.CtrlClass.CODEC, 1
+cs.controls = ctypes.cast(arr, ctypes.POINTER(abi.v4l2_ext_control))
+ioc("S_EXT_CTRLS", cs)
+dqbuf()
+ioc("STREAMOFF", ctypes.c_int(CAP))
+print("ok")
 """
 
 

@@ -1,6 +1,7 @@
 """IMP struct layouts (host and MIPS o32) and per-architecture ioctl numbers."""
 
 import ctypes
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -112,3 +113,143 @@ def test_symbol_table_against_fake():
     assert {f for _, _, _, f in SYMBOLS if f is not REQUIRED}, "optional features exist"
     fake = ctypes.CDLL(str(build_fake()))
     assert [s for s, *_ in SYMBOLS if not hasattr(fake, s)] == []
+
+
+# ---------------------------------------------------------------- the vendor's releases
+
+# What each T31 SDK release's own headers give where it differs from 1.1.1 (gtxaspec/ingenic-headers
+# T31/<release>/<lang>/imp/*.h, compiled with mipsel-linux-gnu-gcc -mabi=32 and the host gcc by
+# test_every_struct_against_the_vendor_headers below); every other struct of every release is
+# 1.1.1's, offsets and sizes (the same compile).
+VENDOR_DIFFS: dict[tuple[str, str, str], str] = {
+    ("1.1.4", "o32", "IMPEncoderStream"):
+        "sizeof=60 phyAddr=0 virAddr=4 streamSize=8 pack=12 packCount=16 seq=20 streamInfo=24 "
+        "streamInfo.iNumBytes=24 streamInfo.uNumIntra=28 streamInfo.uNumSkip=32 "
+        "streamInfo.uNumCU8x8=36 streamInfo.uNumCU16x16=40 streamInfo.uNumCU32x32=44 "
+        "streamInfo.uNumCU64x64=48 streamInfo.iSliceQP=52 streamInfo.iMinQP=54 "
+        "streamInfo.iMaxQP=56 jpegInfo=24 jpegInfo.iNumBytes=24 jpegInfo.iQPfactor=28",
+    ("1.1.4", "host", "IMPEncoderStream"):
+        "sizeof=72 phyAddr=0 virAddr=4 streamSize=8 pack=16 packCount=24 seq=28 streamInfo=32 "
+        "streamInfo.iNumBytes=32 streamInfo.uNumIntra=36 streamInfo.uNumSkip=40 "
+        "streamInfo.uNumCU8x8=44 streamInfo.uNumCU16x16=48 streamInfo.uNumCU32x32=52 "
+        "streamInfo.uNumCU64x64=56 streamInfo.iSliceQP=60 streamInfo.iMinQP=62 "
+        "streamInfo.iMaxQP=64 jpegInfo=32 jpegInfo.iNumBytes=32 jpegInfo.iQPfactor=36",
+    ("1.1.5", "o32", "IMPEncoderStream"):
+        "sizeof=60 phyAddr=0 virAddr=4 streamSize=8 pack=12 packCount=16 seq=20 streamInfo=24 "
+        "streamInfo.iNumBytes=24 streamInfo.uNumIntra=28 streamInfo.uNumSkip=32 "
+        "streamInfo.uNumCU8x8=36 streamInfo.uNumCU16x16=40 streamInfo.uNumCU32x32=44 "
+        "streamInfo.uNumCU64x64=48 streamInfo.iSliceQP=52 streamInfo.iMinQP=54 "
+        "streamInfo.iMaxQP=56 streamInfo.isVI=58 jpegInfo=24 jpegInfo.iNumBytes=24 "
+        "jpegInfo.iQPfactor=28",
+    ("1.1.5", "o32", "IMPFSChnAttr"):
+        "sizeof=60 picWidth=0 picHeight=4 pixFmt=8 crop=12 crop.enable=12 crop.left=16 "
+        "crop.top=20 crop.width=24 crop.height=28 scaler=32 scaler.enable=32 scaler.outwidth=36 "
+        "scaler.outheight=40 outFrmRateNum=44 outFrmRateDen=48 nrVBs=52 type=56",
+    ("1.1.5", "host", "IMPEncoderStream"):
+        "sizeof=72 phyAddr=0 virAddr=4 streamSize=8 pack=16 packCount=24 seq=28 streamInfo=32 "
+        "streamInfo.iNumBytes=32 streamInfo.uNumIntra=36 streamInfo.uNumSkip=40 "
+        "streamInfo.uNumCU8x8=44 streamInfo.uNumCU16x16=48 streamInfo.uNumCU32x32=52 "
+        "streamInfo.uNumCU64x64=56 streamInfo.iSliceQP=60 streamInfo.iMinQP=62 "
+        "streamInfo.iMaxQP=64 streamInfo.isVI=66 jpegInfo=32 jpegInfo.iNumBytes=32 "
+        "jpegInfo.iQPfactor=36",
+    ("1.1.5", "host", "IMPFSChnAttr"):
+        "sizeof=60 picWidth=0 picHeight=4 pixFmt=8 crop=12 crop.enable=12 crop.left=16 "
+        "crop.top=20 crop.width=24 crop.height=28 scaler=32 scaler.enable=32 scaler.outwidth=36 "
+        "scaler.outheight=40 outFrmRateNum=44 outFrmRateDen=48 nrVBs=52 type=56",
+    ("1.1.5.2", "o32", "IMPFSChnAttr"):
+        "sizeof=60 picWidth=0 picHeight=4 pixFmt=8 crop=12 crop.enable=12 crop.left=16 "
+        "crop.top=20 crop.width=24 crop.height=28 scaler=32 scaler.enable=32 scaler.outwidth=36 "
+        "scaler.outheight=40 outFrmRateNum=44 outFrmRateDen=48 nrVBs=52 type=56",
+    ("1.1.5.2", "host", "IMPFSChnAttr"):
+        "sizeof=60 picWidth=0 picHeight=4 pixFmt=8 crop=12 crop.enable=12 crop.left=16 "
+        "crop.top=20 crop.width=24 crop.height=28 scaler=32 scaler.enable=32 scaler.outwidth=36 "
+        "scaler.outheight=40 outFrmRateNum=44 outFrmRateDen=48 nrVBs=52 type=56",
+    ("1.1.6", "o32", "IMPFrameInfo"):
+        "sizeof=48 index=0 pool_idx=4 width=8 height=12 pixfmt=16 size=20 phyAddr=24 virAddr=28 "
+        "timeStamp=32 rotate_osdflag=40",
+    ("1.1.6", "o32", "IMPEncoderStream"):
+        "sizeof=64 phyAddr=0 virAddr=4 streamSize=8 pack=12 packCount=16 seq=20 isVI=24 "
+        "streamInfo=28 streamInfo.iNumBytes=28 streamInfo.uNumIntra=32 streamInfo.uNumSkip=36 "
+        "streamInfo.uNumCU8x8=40 streamInfo.uNumCU16x16=44 streamInfo.uNumCU32x32=48 "
+        "streamInfo.uNumCU64x64=52 streamInfo.iSliceQP=56 streamInfo.iMinQP=58 "
+        "streamInfo.iMaxQP=60 jpegInfo=28 jpegInfo.iNumBytes=28 jpegInfo.iQPfactor=32",
+    ("1.1.6", "host", "IMPFrameInfo"):
+        "sizeof=48 index=0 pool_idx=4 width=8 height=12 pixfmt=16 size=20 phyAddr=24 virAddr=28 "
+        "timeStamp=32 rotate_osdflag=40",
+    ("1.1.6", "host", "IMPEncoderStream"):
+        "sizeof=72 phyAddr=0 virAddr=4 streamSize=8 pack=16 packCount=24 seq=28 isVI=32 "
+        "streamInfo=36 streamInfo.iNumBytes=36 streamInfo.uNumIntra=40 streamInfo.uNumSkip=44 "
+        "streamInfo.uNumCU8x8=48 streamInfo.uNumCU16x16=52 streamInfo.uNumCU32x32=56 "
+        "streamInfo.uNumCU64x64=60 streamInfo.iSliceQP=64 streamInfo.iMinQP=66 "
+        "streamInfo.iMaxQP=68 jpegInfo=36 jpegInfo.iNumBytes=36 jpegInfo.iQPfactor=40",
+}
+
+
+def _parsed(text: str) -> dict[str, int]:
+    return {k: int(v) for k, v in (item.split("=") for item in text.split())}
+
+
+def test_sdk_structs_table_names_exactly_the_recorded_differences():
+    recorded = {(rel, name) for rel, _, name in VENDOR_DIFFS}
+    assert recorded == {(rel, n) for rel, names in structs.SDK_STRUCTS.items() for n in names}
+    assert structs.SDK_RELEASES == ("1.1.1", "1.1.2", "1.1.4", "1.1.5", "1.1.5.2", "1.1.6")
+
+
+@pytest.mark.parametrize("rel,abi,name", sorted(VENDOR_DIFFS))
+def test_release_layouts_match_the_vendor_headers(rel, abi, name):
+    ns = structs.mips_o32 if abi == "o32" else structs.native
+    if abi == "host" and ctypes.sizeof(ctypes.c_void_p) != 8:
+        pytest.skip("recorded on a 64-bit host")
+    assert structs.layout(structs.sdk_struct(ns, rel, name)) == _parsed(VENDOR_DIFFS[rel, abi, name])
+
+
+def test_1_1_4_and_1_1_5_streams_are_60_bytes_each_differently():
+    o32 = structs.mips_o32
+    s114, s115 = (structs.layout(structs.sdk_struct(o32, r, "IMPEncoderStream")) for r in ("1.1.4", "1.1.5"))
+    assert s114["sizeof"] == s115["sizeof"] == 60
+    assert "streamInfo.isVI" not in s114 and s115["streamInfo.isVI"] == 58
+
+
+@pytest.mark.parametrize("text,release,exact", [
+    ("IMP-1.1.6", "1.1.6", True), ("IMP-1.1.5.2", "1.1.5.2", True), ("IMP-1.1.5", "1.1.5", True),
+    ("IMP-1.1.6-20210701", "1.1.6", True), ("IMP-1.1.3", "1.1.2", False), ("IMP-1.1.7", "1.1.6", False),
+    ("IMP-1.1.5.1", "1.1.5", False), ("garbage", None, False)])
+def test_sdk_release_from_version_text(text, release, exact):
+    assert structs.sdk_release(text) == (release, exact)
+
+
+# Names the vendor changed without moving anything (1.1.4+: uNumB became uNotifyUserLTInter).
+VENDOR_RENAMED = {"uNumB": ("1.1.4", "uNotifyUserLTInter")}
+VENDOR_HEADERS = os.environ.get("IMPV4L2_VENDOR_HEADERS")  # a checkout of gtxaspec/ingenic-headers
+
+
+@pytest.mark.skipif(not VENDOR_HEADERS, reason="set IMPV4L2_VENDOR_HEADERS to a gtxaspec/ingenic-headers checkout")
+@pytest.mark.parametrize("abi", ["o32", "host"])
+@pytest.mark.parametrize("rel", structs.SDK_RELEASES)
+def test_every_struct_against_the_vendor_headers(rel, abi, tmp_path):
+    """Every struct of STRUCT_NAMES as release ``rel`` lays it out, against that release's
+    own headers compiled for o32 and the host (how VENDOR_DIFFS was recorded)."""
+    if abi == "o32" and not MIPS_CC:
+        pytest.skip("mipsel-linux-gnu-gcc not installed")
+    ns, cc = (structs.mips_o32, [MIPS_CC, "-mabi=32"]) if abi == "o32" else (structs.native, ["gcc"])
+    top = Path(VENDOR_HEADERS) / "T31" / rel
+    inc = next(top.iterdir())  # the one language directory (zh or en)
+    helper = tmp_path / "vendor.h"
+    helper.write_text("".join(f"#include <imp/imp_{h}.h>\n" for h in ("common", "system", "isp", "framesource",
+                                                                    "encoder"))
+                      + "#define IMP_ABI_H\n")  # c_layout's own include of imp_abi.h becomes empty
+
+    def vendor_key(key: str) -> str:
+        *head, last = key.split(".")
+        since, new = VENDOR_RENAMED.get(last, (None, None))
+        if since and structs.SDK_RELEASES.index(rel) >= structs.SDK_RELEASES.index(since):
+            last = new
+        return ".".join([*head, last])
+
+    base = [n for n in structs.STRUCT_NAMES if "_1" not in n]
+    ours = {n: structs.layout(structs.sdk_struct(ns, rel, n)) for n in base}
+    c = c_layout({n: [vendor_key(k) for k in lay if k != "sizeof"] for n, lay in ours.items()},
+                 [*cc, "-I", str(inc), "-include", str(helper)])
+    diffs = {n: {k: (v, c[n].get(vendor_key(k))) for k, v in lay.items() if c[n].get(vendor_key(k)) != v}
+             for n, lay in ours.items()}
+    assert {n: d for n, d in diffs.items() if d} == {}

@@ -2,8 +2,9 @@
  * include/imp/imp_common.h, imp_isp.h, imp_framesource.h, imp_encoder.h of
  * cgrrty/Ingenic-SDK-T31-1.1.1-20200508.  Shared by the fake libimp and the
  * layout cross-check (compiled for the host and for mipsel o32).
- * The 1.1.6 ABI appends fields (IMPEncoderStream.isVI + info union,
- * IMPEncoderChnAttr.bEnableIvdc, IMPFrameInfo.rotate_osdflag): see *_116. */
+ * Later releases differ in a few structs (impv4l2/driver/t31/structs.py
+ * SDK_STRUCTS): *_114, *_115 and *_116 are those layouts (gtxaspec/ingenic-headers
+ * T31/<release>/imp/). */
 #ifndef IMP_ABI_H
 #define IMP_ABI_H
 #include <stdint.h>
@@ -44,6 +45,13 @@ typedef struct {
     int outFrmRateNum; int outFrmRateDen; int nrVBs; int type;
     IMPFSChnCrop fcrop;
 } IMPFSChnAttr;
+typedef struct {        /* 1.1.5, 1.1.5.2: no fcrop (60 bytes) */
+    int picWidth; int picHeight; int pixFmt;
+    IMPFSChnCrop crop; IMPFSChnScaler scaler;
+    int outFrmRateNum; int outFrmRateDen; int nrVBs; int type;
+} IMPFSChnAttr_115;
+
+typedef struct { char aVersion[64]; } IMPVersion;   /* imp_system.h */
 
 typedef union { int h264NalType; int h265NalType; } IMPEncoderNalType;
 typedef struct {
@@ -61,6 +69,21 @@ typedef struct {
     uint32_t uNumCU16x16; uint32_t uNumCU32x32; uint32_t uNumCU64x64;
     int16_t iSliceQP; int16_t iMinQP; int16_t iMaxQP;
 } IMPEncoderStreamInfo;
+typedef struct {        /* 1.1.4: the info union right after seq (60 bytes on o32) */
+    uint32_t phyAddr; uint32_t virAddr; uint32_t streamSize;
+    IMPEncoderPack *pack; uint32_t packCount; uint32_t seq;
+    union { IMPEncoderStreamInfo streamInfo; IMPEncoderJpegInfo jpegInfo; };
+} IMPEncoderStream_114;
+typedef struct {        /* 1.1.5: streamInfo ends with isVI */
+    int32_t iNumBytes; uint32_t uNumIntra; uint32_t uNumSkip; uint32_t uNumCU8x8;
+    uint32_t uNumCU16x16; uint32_t uNumCU32x32; uint32_t uNumCU64x64;
+    int16_t iSliceQP; int16_t iMinQP; int16_t iMaxQP; uint8_t isVI;
+} IMPEncoderStreamInfo_115;
+typedef struct {        /* 1.1.5 (60 bytes on o32) */
+    uint32_t phyAddr; uint32_t virAddr; uint32_t streamSize;
+    IMPEncoderPack *pack; uint32_t packCount; uint32_t seq;
+    union { IMPEncoderStreamInfo_115 streamInfo; IMPEncoderJpegInfo jpegInfo; };
+} IMPEncoderStream_115;
 typedef struct {        /* 1.1.6 */
     uint32_t phyAddr; uint32_t virAddr; uint32_t streamSize;
     IMPEncoderPack *pack; uint32_t packCount; uint32_t seq;

@@ -1,10 +1,15 @@
-/* A fake libimp.so (T31, IMP SDK 1.1.1 ABI) for testing the t31 backend.
+/* A fake libimp.so (T31, IMP SDK 1.1.x ABI) for testing the t31 backend.
  *
  * Exports the IMP calls the backend uses with the SDK's struct layouts
  * (imp_abi.h), enforces the SDK's ordering rules (a call out of order fails
- * and counts as an error), records every call, produces NV12 frames with a
- * counter pattern and H.264 access units pack by pack through a small ring
- * buffer (packs wrap around its end), and fails on demand.
+ * and counts as an error), refuses what the vendor library refuses (frame
+ * source widths not a multiple of 16, chn0 not FS_PHY_CHANNEL, a bit rate
+ * outside its range or on a JPEG/FIXQP channel, the OSD pool size after
+ * ISP_Open), records every call, produces NV12 frames laid out like the
+ * vendor's (UV plane at width * ALIGN16(height), buffers ALIGN16(w) *
+ * ALIGN16(h) * 3/2, padding rows zero) and H.264 access units pack by pack
+ * through a small ring buffer (packs wrap around its end), writes the stream
+ * tail of the SDK release it claims, and fails on demand.
  *
  * Environment (read at call time, so a test can change it between runs):
  *   IMPFAKE_LOG=path           append "Name args" per call
@@ -13,6 +18,8 @@
  *   IMPFAKE_FRAME_TIMEOUT=1    GetFrame always times out
  *   IMPFAKE_H264=path          serve this Annex-B file (one AU per GetStream)
  *   IMPFAKE_RING_SIZE=bytes    stream ring size (default 16384)
+ *   IMPFAKE_VERSION=text       what IMP_System_GetVersion reports (default
+ *                              "IMP-1.1.6"); its release picks the stream tail
  * Query functions: impfake_* at the end; at process exit the same counts go
  * to IMPFAKE_LOG as one "EXIT ..." line (for a daemon run as a subprocess).
  *
@@ -39,6 +46,13 @@
 #define NR_GRP 3
 #define NR_ENC 8
 #define PROFILE_JPEG (4 << 24)
+#define RC_FIXQP 0
+#define FS_PHY_CHANNEL 0
+#define ALIGN16(x) (((x) + 15) & ~15)
+/* NV12 test pattern: Y = the frame counter's low byte (the counter itself in the
+ * first 8 bytes), U and V constant, rows of padding zero. */
+#define NV12_U 0x50
+#define NV12_V 0xb0
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static int n_errors, n_wrapped;
@@ -114,14 +128,15 @@ static void *map32(size_t size)
 
 static struct {
     int isp_open, sensor_added, sensor_enabled, sys_init, tuning;
+    int osd_pool;       /* IMP_OSD_SetPoolSize's size, -1 never set */
     int64_t t0;
     int brightness, contrast, saturation, sharpness, hue, hflip, vflip;
-    int antiflicker, running_mode, aecomp, max_again;
-} sys = { .brightness = 128, .contrast = 128, .saturation = 128, .sharpness = 128, .hue = 128,
-          .aecomp = 128, .max_again = 160 };
+    int antiflicker, running_mode_value, aecomp, max_again;
+} sys = { .osd_pool = -1, .brightness = 128, .contrast = 128, .saturation = 128, .sharpness = 128,
+          .hue = 128, .aecomp = 128, .max_again = 160 };
 
 typedef struct {
-    IMPFrameInfo info;
+    IMPFrameInfo_116 info;  /* the largest IMPFrameInfo (1.1.6); older releases fill its head */
     int busy;
 } Slot;
 
@@ -148,6 +163,7 @@ static struct {
     uint32_t ring_size, wpos, seq;
     int64_t t_start;
     int outstanding;
+    int bitrate_target, bitrate_max;  /* last IMP_Encoder_SetChnBitRate, bit/s */
     IMPEncoderPack *out_packs[16];
 } enc[NR_ENC];
 
@@ -155,6 +171,22 @@ static struct {
 static uint8_t *file_data;
 static Nal *file_nals;
 static int file_nnals, *file_au_start, file_naus;
+
+static const char *fake_version(void)
+{
+    const char *v = getenv("IMPFAKE_VERSION");
+    return v ? v : "IMP-1.1.6";
+}
+
+/* The release as a number: "IMP-1.1.6" -> 1160, "1.1.5.2" -> 1152 (0: unparsable). */
+static int fake_release(void)
+{
+    const char *v = fake_version();
+    while (*v && (*v < '0' || *v > '9')) v++;
+    int a = 0, b = 0, c = 0, d = 0;
+    if (sscanf(v, "%d.%d.%d.%d", &a, &b, &c, &d) < 3) return 0;
+    return a * 1000 + b * 100 + c * 10 + d;
+}
 
 static int fs_ok(int c) { return c >= 0 && c < NR_FS; }
 static int enc_ok(int c) { return c >= 0 && c < NR_ENC; }
@@ -167,6 +199,33 @@ static int64_t fs_period_us(int c)
 }
 
 /* ---------------------------------------------------------------- system / ISP */
+
+#ifdef IMPFAKE_NEEDS_ALOG
+/* Built with -DIMPFAKE_NEEDS_ALOG: like the vendor's libimp.so, it uses libalog's symbols
+ * without naming libalog in DT_NEEDED, so dlopen fails unless they are loaded already. */
+extern int IMP_Log_Get_Option(void);
+__attribute__((constructor)) static void impfake_needs_alog(void) { (void)IMP_Log_Get_Option(); }
+#endif
+
+int IMP_OSD_SetPoolSize(int size)
+{
+    if (enter(__func__, "%d", size)) return -1;
+    pthread_mutex_lock(&mu);
+    /* sample-common.c and prudynt set it before IMP_ISP_Open: the rmem pools are laid out then */
+    REQUIRE(!sys.isp_open, "OSD pool size after IMP_ISP_Open");
+    REQUIRE(size >= 0, "negative pool size");
+    sys.osd_pool = size;
+    pthread_mutex_unlock(&mu);
+    return 0;
+}
+
+/* Not logged (a query, like GetTimeStamp). */
+int IMP_System_GetVersion(IMPVersion *v)
+{
+    if (!v) return violation(__func__, "NULL");
+    snprintf(v->aVersion, sizeof v->aVersion, "%s", fake_version());
+    return 0;
+}
 
 int IMP_ISP_Open(void)
 {
@@ -347,7 +406,7 @@ TUNING_U8(BcshHue, hue)
 TUNING_INT(ISPHflip, hflip, int)
 TUNING_INT(ISPVflip, vflip, int)
 TUNING_INT(AntiFlickerAttr, antiflicker, int)
-TUNING_INT(ISPRunningMode, running_mode, int)
+TUNING_INT(ISPRunningMode, running_mode_value, int)
 TUNING_INT(AeComp, aecomp, int)
 TUNING_INT(MaxAgain, max_again, uint32_t)
 
@@ -360,11 +419,16 @@ int IMP_FrameSource_CreateChn(int c, IMPFSChnAttr *a)
     REQUIRE(sys.sys_init, "System_Init first");
     REQUIRE(fs_ok(c) && !fs[c].created, "bad or existing channel");
     REQUIRE(a->pixFmt == 10 && a->picWidth > 0 && a->picHeight > 0 && a->nrVBs > 0, "bad attr");
+    /* the vendor's frame source: widths (and scaler outputs) multiples of 16, chn0 physical */
+    REQUIRE(a->picWidth % 16 == 0, "picWidth not a multiple of 16");
+    REQUIRE(!a->scaler.enable || a->scaler.outwidth % 16 == 0, "scaler.outwidth not a multiple of 16");
+    REQUIRE(c != 0 || a->type == FS_PHY_CHANNEL, "channel 0 must be FS_PHY_CHANNEL");
     fs[c].attr = *a;
     fs[c].created = 1;
     fs[c].bound_grp = -1;
     fs[c].nslots = a->nrVBs;
-    fs[c].frame_size = (size_t)a->picWidth * a->picHeight * 3 / 2;
+    /* OpenIMP framesource_tseries.c: ALIGN16(w) * ALIGN16(h) * 3/2 per buffer */
+    fs[c].frame_size = (size_t)ALIGN16(a->picWidth) * ALIGN16(a->picHeight) * 3 / 2;
     fs[c].pool = map32(fs[c].frame_size * a->nrVBs);
     fs[c].slots = calloc(a->nrVBs, sizeof(Slot));
     REQUIRE(fs[c].pool && fs[c].slots, "out of memory");
@@ -461,10 +525,17 @@ int IMP_FrameSource_GetFrame(int c, IMPFrameInfo **frame)
     Slot *slot = &fs[c].slots[s];
     uint8_t *mem = fs[c].pool + fs[c].frame_size * s;
     uint64_t seq = fs[c].raw_seq++;
-    size_t ysize = (size_t)fs[c].attr.picWidth * fs[c].attr.picHeight;
+    size_t w = fs[c].attr.picWidth, h = fs[c].attr.picHeight;
+    /* the vendor's NV12 (nv12_copyto_yuyv422 in the SDK samples): Y rows of stride w, then
+     * padding rows up to ALIGN16(h), the UV plane at w * ALIGN16(h) */
+    size_t ysize = w * h, uv_at = w * ALIGN16(h);
+    memset(mem, 0, fs[c].frame_size);
     memset(mem, (int)(seq & 0xff), ysize);
     memcpy(mem, &seq, sizeof seq); /* counter pattern: seq in the first 8 bytes */
-    memset(mem + ysize, 0x80, fs[c].frame_size - ysize);
+    for (size_t i = 0; i < w * (h / 2); i += 2) {
+        mem[uv_at + i] = NV12_U;
+        mem[uv_at + i + 1] = NV12_V;
+    }
     slot->busy = 1;
     slot->info.index = s;
     slot->info.pool_idx = c;
@@ -475,8 +546,9 @@ int IMP_FrameSource_GetFrame(int c, IMPFrameInfo **frame)
     slot->info.phyAddr = 0;
     slot->info.virAddr = (uint32_t)(uintptr_t)mem;
     slot->info.timeStamp = now_us() - sys.t0;
+    if (fake_release() >= 1160) slot->info.rotate_osdflag = 0;
     fs[c].outstanding++;
-    *frame = &slot->info;
+    *frame = (IMPFrameInfo *)&slot->info;
     pthread_mutex_unlock(&mu);
     return 0;
 }
@@ -685,10 +757,23 @@ int IMP_Encoder_FlushStream(int e)
     return 0;
 }
 
+/* bit/s (1.1.4 zh imp_encoder.h: 码率单位是 bit/s; 1.1.6 en), kept in the channel attr in
+ * kbit/s like SetDefaultParam's (OpenIMP's SetChnBitRate: target > 0, then / 1000). */
 int IMP_Encoder_SetChnBitRate(int e, int target, int max)
 {
     if (enter(__func__, "%d %d %d", e, target, max)) return -1;
-    return enc_ok(e) && enc[e].created ? 0 : violation(__func__, "not created");
+    pthread_mutex_lock(&mu);
+    REQUIRE(enc_ok(e) && enc[e].created, "not created");
+    /* @attention: only H.264/H.265 channels; OpenIMP refuses FIXQP */
+    REQUIRE(enc[e].attr.encAttr.eProfile != PROFILE_JPEG, "JPEG channel");
+    REQUIRE(enc[e].attr.rcAttr.attrRcMode.rcMode != RC_FIXQP, "FIXQP channel has no bit rate");
+    REQUIRE(target >= 1000 && max >= 0, "bit rate out of range (bit/s, at least 1 kbit/s)");
+    enc[e].bitrate_target = target;
+    enc[e].bitrate_max = max;
+    enc[e].attr.rcAttr.attrRcMode.attrCappedQuality.uTargetBitRate = target / 1000;
+    if (max > 0) enc[e].attr.rcAttr.attrRcMode.attrCappedQuality.uMaxBitRate = max / 1000;
+    pthread_mutex_unlock(&mu);
+    return 0;
 }
 
 int IMP_Encoder_SetChnGopLength(int e, int gop)
@@ -822,6 +907,43 @@ int IMP_Encoder_GetStream(int e, IMPEncoderStream *st, bool block)
         }
     }
     packs[np - 1].frameEnd = 1;
+    uint32_t au_bytes = 0;
+    for (int k = 0; k < np; k++) au_bytes += packs[k].length;
+    /* the tail of the release this library claims (its IMPEncoderStream) */
+    int rel = fake_release();
+    int jpeg = enc[e].attr.encAttr.eProfile == PROFILE_JPEG;
+    IMPEncoderStreamInfo *info = NULL;
+    IMPEncoderJpegInfo *jinfo = NULL;
+    if (rel >= 1160) {
+        IMPEncoderStream_116 *t = (IMPEncoderStream_116 *)st;
+        t->isVI = 0;
+        info = &t->streamInfo;
+        jinfo = &t->jpegInfo;
+    } else if (rel >= 1150 && rel < 1152) {
+        IMPEncoderStream_115 *t = (IMPEncoderStream_115 *)st;
+        memset(&t->streamInfo, 0, sizeof t->streamInfo);
+        if (jpeg) {
+            t->jpegInfo.iNumBytes = au_bytes;
+            t->jpegInfo.iQPfactor = 50;
+        } else {
+            t->streamInfo.iNumBytes = au_bytes;
+            t->streamInfo.iSliceQP = 30;
+        }
+    } else if (rel >= 1140 && rel < 1150) {
+        IMPEncoderStream_114 *t = (IMPEncoderStream_114 *)st;
+        info = &t->streamInfo;
+        jinfo = &t->jpegInfo;
+    }
+    if (info) {
+        memset(info, 0, sizeof *info);
+        if (jpeg) {
+            jinfo->iNumBytes = au_bytes;
+            jinfo->iQPfactor = 50;
+        } else {
+            info->iNumBytes = au_bytes;
+            info->iSliceQP = 30;
+        }
+    }
     st->phyAddr = 0;
     st->virAddr = (uint32_t)(uintptr_t)enc[e].ring;
     st->streamSize = enc[e].ring_size;
@@ -875,6 +997,11 @@ int impfake_open_resources(void)
 }
 
 int impfake_errors(void) { return n_errors; }
+/* The last bit rate IMP_Encoder_SetChnBitRate accepted on e (bit/s): target, or max when which=1. */
+int impfake_bitrate(int e, int which)
+{
+    return enc_ok(e) ? (which ? enc[e].bitrate_max : enc[e].bitrate_target) : -1;
+}
 int impfake_wrapped_packs(void) { return n_wrapped; }
 int impfake_get_tuning(const char *name)
 {
@@ -882,7 +1009,8 @@ int impfake_get_tuning(const char *name)
     if (!strcmp(name, "contrast")) return sys.contrast;
     if (!strcmp(name, "hflip")) return sys.hflip;
     if (!strcmp(name, "antiflicker")) return sys.antiflicker;
-    if (!strcmp(name, "running_mode")) return sys.running_mode;
+    if (!strcmp(name, "running_mode")) return sys.running_mode_value;
+    if (!strcmp(name, "osd_pool")) return sys.osd_pool;
     return -1;
 }
 
@@ -898,6 +1026,7 @@ __attribute__((destructor)) static void impfake_exit_summary(void)
 void impfake_reset(void)
 {
     memset(&sys, 0, sizeof sys);
+    sys.osd_pool = -1;
     sys.brightness = sys.contrast = sys.saturation = sys.sharpness = sys.hue = sys.aecomp = 128;
     sys.max_again = 160;
     memset(fs, 0, sizeof fs);

@@ -75,9 +75,15 @@ class Guest:
     # ------------------------------------------------------------ the daemon
     def write_config(self, total_mb: int = 0) -> Path:
         cfg = Path("/tmp/impv4l2.toml")
+        # the sensor as thingino's sensor-info module describes it, detected from there
+        proc = Path("/tmp/proc-jz-sensor")
+        proc.mkdir(exist_ok=True)
+        for name, value in (("name", "gc2053"), ("i2c_addr", "0x37"), ("width", MAIN[0]),
+                            ("height", MAIN[1]), ("max_fps", FPS)):
+            (proc / name).write_text(f"{value}\n")
         budget = f"total_buffer_mb = {total_mb}\n" if total_mb else ""
         cfg.write_text(
-            f'backend = "t31"\n[t31]\nsensor_width = {MAIN[0]}\nsensor_height = {MAIN[1]}\n'
+            f'backend = "t31"\n[t31]\nproc_root = "{proc}"\n'
             f"[main]\nwidth = {MAIN[0]}\nheight = {MAIN[1]}\nfps = {FPS}\n"
             f"[sub]\nwidth = {SUB[0]}\nheight = {SUB[1]}\nfps = {FPS}\n"
             f'[nodes]\n{budget}[transport]\ncuse = "on"\n[hotplug]\nenable = "off"\n')

@@ -15,11 +15,13 @@ stream ring handled) and released to the library right after the copy.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import threading
 import time
 from ctypes import byref
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 from ..base import (Backend, ChannelMode, Codec, ControlKind, ControlSpec, EncodedFrame, Encoder,
                     EncoderChannel, EncoderParams, FrameChannel, FrameInfo, FrameSink, Isp, Profile,
@@ -36,6 +38,35 @@ JPEG_CHN_BASE = 4  # SDK samples: JPEG encoder channel = 4 + frame channel
 PROFILES = {Profile.BASELINE: st.IMP_ENC_PROFILE_AVC_BASELINE, Profile.MAIN: st.IMP_ENC_PROFILE_AVC_MAIN,
             Profile.HIGH: st.IMP_ENC_PROFILE_AVC_HIGH}
 SCALED_SIZES = ((2560, 1440), (1920, 1080), (1280, 720), (960, 540), (640, 360), (320, 180))
+
+# Vendor facts, one entry each:
+# frame-source widths are multiples of FS_WIDTH_ALIGN (the vendor's IMP_FrameSource_CreateChn
+# refuses others); an NV12 frame has its UV plane at width * ALIGN(height, NV12_UV_ALIGN), the
+# rows between are padding (OpenIMP framesource_tseries.c: buffers ALIGN16(w) * ALIGN16(h) * 3/2;
+# the SDK samples' nv12_copyto_yuyv422 reads UV at src + w * ((h + 15) & ~15)).
+FS_WIDTH_ALIGN = 16
+NV12_UV_ALIGN = 16
+# Bring-up as sample-common.c sample_system_init (SDK 1.1.1) and prudynt IMPSystem::init:
+# IMP_OSD_SetPoolSize before IMP_ISP_Open (512 KiB in the sample), the day running mode after
+# IMP_ISP_EnableTuning (IMPISP_RUNNING_MODE_DAY = 0).
+OSD_POOL_SIZE = 512 * 1024
+INITIAL_RUNNING_MODE = 0
+
+# The sensor as the kernel's sensor module reports it (thingino's sensor-info: one file per
+# value under /proc/jz/sensor/, i2c_addr in hex as "0x37"; read as prudynt's ProcfsSensor):
+# (file, backend option it fills, parser).  i2c_bus is optional (prudynt reads it if present).
+PROC_SENSOR = "/proc/jz/sensor"
+PROC_SENSOR_FILES: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
+    ("name", "sensor", str),
+    ("i2c_addr", "i2c_addr", lambda v: int(v, 16)),
+    ("width", "sensor_width", int),
+    ("height", "sensor_height", int),
+    ("max_fps", "max_fps", int),
+    ("i2c_bus", "i2c_adapter", int),
+)
+# What AddSensor needs; without /proc/jz/sensor the configuration must give all of it.
+SENSOR_REQUIRED = ("sensor", "i2c_addr", "sensor_width", "sensor_height")
+DEFAULT_FPS = 25  # neither configured nor in /proc
 
 
 # ---------------------------------------------------------------- ISP
@@ -189,7 +220,11 @@ class T31StreamChannel(EncoderChannel):
         self.sink: FrameSink | None = None
         self._seq = 0
         self._resync = False  # an AU was lost: deliver nothing before the next IDR
-        self._stream = st.alloc(S.IMPEncoderStream)  # + tail: 1.1.6 writes more
+        # SetChnBitRate: H.264/H.265 channels with a rate control only (imp_encoder.h @attention)
+        self._rate_controlled = params.codec is not Codec.JPEG and params.rc_mode is not RcMode.FIXQP
+        # the release's IMPEncoderStream (+ ABI_TAIL), used through its 1.1.1 head
+        self._stream_full = st.alloc(channel.backend.stream_cls)
+        self._stream = S.IMPEncoderStream.from_buffer(self._stream_full._raw)
 
     # the tunnel has no input port: frames come from the FrameSource
     def encode(self, nv12: memoryview, timestamp_ns: int) -> EncodedFrame:
@@ -206,9 +241,11 @@ class T31StreamChannel(EncoderChannel):
     def update(self, **changes) -> None:
         for key, value in changes.items():
             setattr(self.params, key, value)
-        if {"bitrate", "max_bitrate"} & changes.keys() and self.lib.has("bitrate"):
-            self.lib.call("IMP_Encoder_SetChnBitRate", self.enc_chn, self.params.bitrate // 1000,
-                          self.params.max_bitrate // 1000)
+        if {"bitrate", "max_bitrate"} & changes.keys() and self.lib.has("bitrate") and self._rate_controlled:
+            # bit/s (1.1.4 zh imp_encoder.h: 码率单位是 bit/s; 1.1.6 en: unit "bit/s"), unlike the
+            # kbit/s of SetDefaultParam and the rc attrs
+            self.lib.call("IMP_Encoder_SetChnBitRate", self.enc_chn, int(self.params.bitrate),
+                          int(self.params.max_bitrate))
         if "gop" in changes and self.lib.has("gop"):
             self.lib.call("IMP_Encoder_SetChnGopLength", self.enc_chn, int(self.params.gop))
 
@@ -307,6 +344,7 @@ class T31FrameChannel(FrameChannel):
 
     # -- FrameChannel
     def sizes(self) -> Sequence[tuple[int, int]]:
+        # max_width is a multiple of FS_WIDTH_ALIGN (T31Backend), so S_FMT's nearest size is too
         sizes = [(w, h) for w, h in SCALED_SIZES if w <= self.max_width and h <= self.max_height]
         if (self.max_width, self.max_height) not in sizes:
             sizes.insert(0, (self.max_width, self.max_height))
@@ -327,6 +365,9 @@ class T31FrameChannel(FrameChannel):
                 raise ValueError(f"ch{self.index}: {mode.width}x{mode.height} above the channel maximum")
             if mode.width <= 0 or mode.height <= 0 or mode.width % 2 or mode.height % 2:
                 raise ValueError(f"ch{self.index}: {mode.width}x{mode.height} is not an NV12 size")
+            if mode.width % FS_WIDTH_ALIGN:  # IMP_FrameSource_CreateChn would refuse it
+                raise ValueError(f"ch{self.index}: width {mode.width} is not a multiple of {FS_WIDTH_ALIGN}"
+                                 " (IMP frame source)")
             if not 0 < mode.fps <= self.backend.sensor.fps:  # channels only decimate the sensor
                 raise ValueError(f"ch{self.index}: {mode.fps} fps outside 1..{self.backend.sensor.fps}"
                                  " (the sensor rate)")
@@ -525,11 +566,14 @@ class T31FrameChannel(FrameChannel):
             info = FrameInfo(timestamp_ns=self.backend._to_monotonic_ns(ts_us), sequence=self._raw_seq)
             if buf is not None:
                 _keep, dst, cap = _dest(buf)
-                n = f.width * f.height * 3 // 2
-                if n > cap:
-                    info.error, n = True, cap
-                ctypes.memmove(dst, f.virAddr, n)  # the one copy
-                info.bytesused = n
+                w, h = f.width, f.height
+                y, uv = w * h, w * (h // 2)  # contiguous NV12 for the client
+                if y + uv > cap:
+                    info.error, y, uv = True, min(y, cap), max(0, cap - y)
+                ctypes.memmove(dst, f.virAddr, y)  # the one copy, plane by plane:
+                uv_at = w * (-(-h // NV12_UV_ALIGN) * NV12_UV_ALIGN)  # the UV plane after padding rows
+                ctypes.memmove(dst + y, f.virAddr + uv_at, uv)
+                info.bytesused = y + uv
         finally:
             lib.IMP_FrameSource_ReleaseFrame(self.index, fp)
         self._raw_seq += 1
@@ -553,15 +597,78 @@ class T31Encoder(Encoder):
 
 # ---------------------------------------------------------------- backend
 
+@dataclasses.dataclass(frozen=True)
+class SensorSetup:
+    """The sensor to add: /proc/jz/sensor, configuration overriding it field by field."""
+
+    name: str
+    i2c_addr: int
+    i2c_adapter: int
+    width: int
+    height: int
+    max_fps: int | None
+    source: str  # where it came from, for the start log line
+
+
+def read_proc_sensor(root: str | Path) -> dict[str, Any] | None:
+    """The PROC_SENSOR_FILES values under ``root`` (None: no such directory)."""
+    d = Path(root)
+    if not d.is_dir():
+        return None
+    out: dict[str, Any] = {}
+    for fname, key, parse in PROC_SENSOR_FILES:
+        try:
+            text = (d / fname).read_text().strip()
+        except OSError:
+            continue
+        try:
+            if text:
+                out[key] = parse(text)
+        except ValueError:
+            log.warning("t31: %s: %r is not a value, ignored", d / fname, text)
+    return out
+
+
+def sensor_setup(proc_root: str | Path, configured: dict[str, Any]) -> SensorSetup:
+    """Merge /proc/jz/sensor with the configured sensor options (configuration wins);
+    one T31Error naming what is missing and where to set it."""
+    proc = read_proc_sensor(proc_root)
+    given = {k: v for k, v in configured.items() if v is not None}
+    if isinstance(given.get("i2c_addr"), str):
+        given["i2c_addr"] = int(given["i2c_addr"], 0)
+    merged = {**(proc or {}), **given}
+    missing = [k for k in SENSOR_REQUIRED if k not in merged]
+    if missing:
+        where = (f"there is no {proc_root} (a sensor module without sensor-info)" if proc is None
+                 else f"{proc_root} does not give it")
+        raise T31Error(f"t31: which sensor? {where}: name it in the [t31] configuration ("
+                       + ", ".join(missing) + ")")
+    if proc is None:
+        source = "configured"
+    else:
+        over = sorted(k for k in given if k in proc and proc[k] != given[k])
+        source = str(proc_root) + (f", configuration overriding {', '.join(over)}" if over else "")
+    return SensorSetup(str(merged["sensor"]), int(merged["i2c_addr"]), int(merged.get("i2c_adapter", 0)),
+                       int(merged["sensor_width"]), int(merged["sensor_height"]),
+                       int(merged["max_fps"]) if "max_fps" in merged else None, source)
+
+
+def _align_down(v: int, a: int) -> int:
+    return v - v % a
+
+
 class T31Backend(Backend):
     """Ingenic T31 through libimp.so.
 
-    Options: ``lib_path`` (else $IMPV4L2_LIBIMP, else the system's libimp.so),
-    ``sensor``/``i2c_addr``/``i2c_adapter`` (IMPSensorInfo), ``sensor_width``,
-    ``sensor_height``, ``fps``, ``channels`` (ChannelMode per frame channel, or
-    ``(w, h, fps)``/dicts; default main = sensor size, sub = 640x360),
-    ``poll_timeout_ms`` (stream timeout -> error buffer), ``nr_vbs``,
-    ``raw_depth``, ``sdk`` ("1.1.1" or "1.1.6": IMPFrameInfo layout)."""
+    Options: ``lib_path`` (else $IMPV4L2_LIBIMP, else the system's libimp.so);
+    the sensor (``sensor``, ``i2c_addr``, ``i2c_adapter``, ``sensor_width``,
+    ``sensor_height``, ``max_fps``) from ``proc_root`` (/proc/jz/sensor), each
+    option overriding it; ``fps`` (the sensor's running rate, at most max_fps);
+    ``channels`` (ChannelMode per frame channel, or ``(w, h, fps)``/dicts;
+    default main = sensor size, sub = 640x360; widths rounded down to a multiple
+    of 16); ``poll_timeout_ms`` (stream timeout -> error buffer), ``nr_vbs``,
+    ``raw_depth``; ``sdk`` (a release of structs.SDK_STRUCTS, else what
+    IMP_System_GetVersion reports)."""
 
     name = "t31"
     # A T31X: 128 MB, ~29 MB reserved for ISP/AVPU, ~99 MB for Linux, the
@@ -570,39 +677,83 @@ class T31Backend(Backend):
     buffer_memory = 12 << 20
     total_buffer_memory = 24 << 20
 
-    def __init__(self, lib_path: str | None = None, sensor: str = "gc2053", i2c_addr: int = 0x37,
-                 i2c_adapter: int = 0, sensor_width: int = 1920, sensor_height: int = 1080,
-                 fps: int = 25, channels: Sequence | None = None, poll_timeout_ms: int = 1000,
-                 nr_vbs: int = 2, raw_depth: int = 1, sdk: str = "1.1.1", **extra):
+    def __init__(self, lib_path: str | None = None, sensor: str | None = None, i2c_addr: int | str | None = None,
+                 i2c_adapter: int | None = None, sensor_width: int | None = None,
+                 sensor_height: int | None = None, max_fps: int | None = None, fps: int | None = None,
+                 channels: Sequence | None = None, poll_timeout_ms: int = 1000, nr_vbs: int = 2,
+                 raw_depth: int = 1, sdk: str | None = None, proc_root: str = PROC_SENSOR, **extra):
         if extra:  # a typo in the [t31] table should not pass silently
             log.warning("t31: unknown options ignored: %s", ", ".join(sorted(extra)))
         self.lib = LibImp(lib_path)
         self.poll_timeout_ms, self.nr_vbs, self.raw_depth = int(poll_timeout_ms), int(nr_vbs), int(raw_depth)
-        self._frame_cls = S.IMPFrameInfo_116 if sdk == "1.1.6" else S.IMPFrameInfo
-        self.sensor = SensorInfo(sensor, sensor_width, sensor_height, fps)
+        self.libimp_version, self.sdk = self._sdk(sdk)
+        self.frame_cls = st.sdk_struct(S, self.sdk, "IMPFrameInfo")
+        self.stream_cls = st.sdk_struct(S, self.sdk, "IMPEncoderStream")
+        sen = self.sensor_setup = sensor_setup(proc_root, dict(
+            sensor=sensor, i2c_addr=i2c_addr, i2c_adapter=i2c_adapter, sensor_width=sensor_width,
+            sensor_height=sensor_height, max_fps=max_fps))
+        rate = int(fps) if fps else (sen.max_fps or DEFAULT_FPS)
+        if sen.max_fps and rate > sen.max_fps:
+            log.warning("t31: fps %d above the sensor's %d: running at %d", rate, sen.max_fps, sen.max_fps)
+            rate = sen.max_fps
+        log.info("t31: libimp %s (SDK %s structs), sensor %s at i2c 0x%x bus %d, %dx%d, max %s fps (%s),"
+                 " running at %d fps", self.libimp_version or "of unknown version", self.sdk, sen.name,
+                 sen.i2c_addr, sen.i2c_adapter, sen.width, sen.height, sen.max_fps or "?", sen.source, rate)
+        self.sensor = SensorInfo(sen.name, sen.width, sen.height, rate)
         self._undo: list = []
         self._closed = False
-        self._bring_up(sensor, i2c_addr, i2c_adapter, fps)
+        self._bring_up(sen.name, sen.i2c_addr, sen.i2c_adapter, rate)
         try:
             self.isp = T31Isp(self.lib, self.sensor)
-            modes = [self._mode(m) for m in (channels or [(sensor_width, sensor_height, fps), (640, 360, fps)])]
+            # frame-source widths are multiples of FS_WIDTH_ALIGN: the largest such size fits the sensor
+            max_w = _align_down(sen.width, FS_WIDTH_ALIGN)
+            modes = [self._mode(m) for m in (channels or [(max_w, sen.height, rate), (640, 360, rate)])]
             # ch0 scales down from the sensor; ch1 too, and never above 1920x1080
-            sub_max = (min(sensor_width, 1920), min(sensor_height, 1080))
+            sub_max = (min(max_w, 1920), min(sen.height, 1080))
             self.channels = [T31FrameChannel(self, i, "main" if i == 0 else "sub",
-                                             (sensor_width, sensor_height) if i == 0 else sub_max, m)
+                                             (max_w, sen.height) if i == 0 else sub_max, m)
                              for i, m in enumerate(modes)]
             self.encoder = T31Encoder()
         except Exception:
             self.close()
             raise
 
+    def _sdk(self, option: str | None) -> tuple[str | None, str]:
+        """(what IMP_System_GetVersion says, the SDK_STRUCTS release used)."""
+        text = None
+        if self.lib.has("version"):
+            v = S.IMPVersion()
+            if self.lib.IMP_System_GetVersion(byref(v)) == 0:
+                text = v.aVersion.decode(errors="replace").strip() or None
+        detected, exact = st.sdk_release(text or "")
+        if option:
+            release, ok = st.sdk_release(str(option))
+            if release is None or not ok:
+                raise T31Error(f"t31: sdk = {option!r}: not one of {', '.join(st.SDK_RELEASES)}")
+            if detected and release != detected:
+                log.warning("t31: sdk = %s overrides libimp's %s", release, text)
+            return text, release
+        if detected is None:
+            log.warning("t31: libimp reports no version (%r): SDK %s structs assumed; set sdk = ...",
+                        text, st.SDK_RELEASES[0])
+            return text, st.SDK_RELEASES[0]
+        if not exact:
+            log.warning("t31: libimp %s is not a release known here: using SDK %s structs", text, detected)
+        return text, detected
+
     @staticmethod
     def _mode(m) -> ChannelMode:
         if isinstance(m, ChannelMode):
-            return m
-        if isinstance(m, dict):
-            return ChannelMode(int(m["width"]), int(m["height"]), int(m["fps"]))
-        return ChannelMode(*(int(v) for v in m))
+            mode = m
+        elif isinstance(m, dict):
+            mode = ChannelMode(int(m["width"]), int(m["height"]), int(m["fps"]))
+        else:
+            mode = ChannelMode(*(int(v) for v in m))
+        if mode.width % FS_WIDTH_ALIGN:  # adjusted as S_FMT adjusts, not refused
+            w = max(FS_WIDTH_ALIGN, _align_down(mode.width, FS_WIDTH_ALIGN))
+            log.warning("t31: channel width %d is not a multiple of %d: %d", mode.width, FS_WIDTH_ALIGN, w)
+            mode = dataclasses.replace(mode, width=w)
+        return mode
 
     def _bring_up(self, sensor: str, i2c_addr: int, i2c_adapter: int, fps: int) -> None:
         lib = self.lib
@@ -611,6 +762,8 @@ class T31Backend(Backend):
         si.cbus_type = st.TX_SENSOR_CONTROL_INTERFACE_I2C
         si.i2c.type = sensor.encode()[:19]
         si.i2c.addr, si.i2c.i2c_adapter_id = i2c_addr, i2c_adapter
+        if lib.has("osd_pool"):  # before ISP_Open, or OSD can never get rmem (sample-common.c)
+            lib.call("IMP_OSD_SetPoolSize", OSD_POOL_SIZE)
         # (call, args, undo call, undo args): the SDK samples' sample_system_init
         steps = (("IMP_ISP_Open", (), "IMP_ISP_Close", ()),
                  ("IMP_ISP_AddSensor", (byref(si),), "IMP_ISP_DelSensor", (byref(si),)),
@@ -621,6 +774,8 @@ class T31Backend(Backend):
             for call, args, undo, uargs in steps:
                 lib.call(call, *args)
                 self._undo.append((undo, lambda f=getattr(lib, undo), a=uargs: f(*a)))
+            if lib.has("day_night"):  # a defined state before any client asks (sample-common.c)
+                lib.call("IMP_ISP_Tuning_SetISPRunningMode", INITIAL_RUNNING_MODE)
             if lib.has("sensor_fps"):
                 lib.call("IMP_ISP_Tuning_SetSensorFPS", fps, 1)
         except T31Error:
@@ -636,7 +791,7 @@ class T31Backend(Backend):
         return imp_us * 1000 + self._ts_offset_ns
 
     def _frame_timestamp(self, fp) -> int:
-        return ctypes.cast(fp, ctypes.POINTER(self._frame_cls)).contents.timeStamp
+        return ctypes.cast(fp, ctypes.POINTER(self.frame_cls)).contents.timeStamp
 
     def close(self) -> None:
         if self._closed:

@@ -22,9 +22,18 @@ from .structs import native as S
 log = logging.getLogger("impv4l2.t31.libimp")
 
 ENV_LIBIMP = "IMPV4L2_LIBIMP"
-# Libraries the vendor libimp.so links against on real firmware without
-# always recording them as DT_NEEDED; loaded RTLD_GLOBAL first when present.
-PRELOAD = ("libalog.so", "libsysutils.so")
+# Libraries whose symbols the vendor libimp.so uses without naming them all in its DT_NEEDED
+# (issue 10, from the undefined symbols of the SDK 1.1.1 lib/uclibc/libimp.so; libsysutils as
+# prudynt links it beside libimp): (file names tried, in order; symbols it provides).  Each is
+# loaded RTLD_GLOBAL before libimp, from libimp's directory first, unless the process already
+# has its symbols (glibc 2.34+ and musl carry librt in libc); when libimp then fails to load,
+# the error names what was found nowhere.
+PRELOAD: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
+    (("libalog.so",), ("imp_log_fun", "IMP_Log_Get_Option")),
+    (("librt.so.1", "librt.so.0", "librt.so"), ("shm_open", "sem_open")),
+    (("libm.so.6", "libm.so.0", "libm.so"), ("log10", "pow", "sqrt")),
+    (("libsysutils.so",), ("SU_Base_GetVersion",)),
+)
 
 
 class T31Error(RuntimeError):
@@ -48,6 +57,8 @@ SYMBOLS: tuple[tuple[str, Any, tuple, str | None], ...] = (
     ("IMP_System_Bind", c_int, (_p(S.IMPCell), _p(S.IMPCell)), REQUIRED),
     ("IMP_System_UnBind", c_int, (_p(S.IMPCell), _p(S.IMPCell)), REQUIRED),
     ("IMP_System_GetTimeStamp", c_int64, (), "timestamps"),
+    ("IMP_System_GetVersion", c_int, (_p(S.IMPVersion),), "version"),  # "IMP-1.1.x"
+    ("IMP_OSD_SetPoolSize", c_int, (c_int,), "osd_pool"),  # before ISP_Open (sample-common.c)
     ("IMP_ISP_EnableTuning", c_int, (), REQUIRED),
     ("IMP_ISP_DisableTuning", c_int, (), REQUIRED),
     ("IMP_ISP_Tuning_SetSensorFPS", c_int, (c_uint32, c_uint32), "sensor_fps"),
@@ -120,8 +131,8 @@ class LibImp:
 
     def __init__(self, lib_path: str | os.PathLike | None = None):
         tried = candidates(lib_path)
-        self._preloaded = self._preload(tried)
-        self.path, self.cdll, errors = None, None, []
+        self._preloaded, self.preload_missing = self._preload(tried)
+        self.path, self.cdll, errors, found = None, None, [], False
         for name in tried:
             if os.sep in name and not os.path.exists(name):
                 errors.append(f"{name}: no such file")
@@ -132,9 +143,12 @@ class LibImp:
                 break
             except OSError as e:
                 errors.append(str(e))
+                found = found or "No such file" not in str(e)
         if self.cdll is None:
-            raise T31Error("cannot load libimp.so (tried %s; set lib_path= or $%s): %s"
-                           % (", ".join(tried), ENV_LIBIMP, "; ".join(errors)))
+            missing = "".join(f"; {names[0]} ({', '.join(syms)}) not found to preload"
+                              for names, syms in self.preload_missing if found)
+            raise T31Error("cannot load libimp.so (tried %s; set lib_path= or $%s): %s%s"
+                           % (", ".join(tried), ENV_LIBIMP, "; ".join(errors), missing))
         self.features: dict[str, bool] = {}
         missing_required = []
         for sym, restype, argtypes, feature in SYMBOLS:
@@ -154,18 +168,24 @@ class LibImp:
             log.info("%s: optional features absent: %s", self.path, ", ".join(absent))
 
     @staticmethod
-    def _preload(tried: list[str]) -> list[str]:
-        dirs = {os.path.dirname(p) for p in tried if os.sep in p}
-        loaded = []
-        for dep in PRELOAD:
-            for path in [os.path.join(d, dep) for d in dirs] + [dep]:
+    def _preload(tried: list[str]) -> tuple[list[str], list[tuple[tuple[str, ...], tuple[str, ...]]]]:
+        """Load PRELOAD RTLD_GLOBAL: (paths loaded, entries found nowhere)."""
+        dirs = list(dict.fromkeys(os.path.dirname(p) for p in tried if os.sep in p))
+        present = ctypes.CDLL(None)  # the process's global scope
+        loaded, missing = [], []
+        for names, syms in PRELOAD:
+            if all(hasattr(present, sym) for sym in syms):
+                continue
+            for path in [os.path.join(d, n) for n in names for d in dirs] + list(names):
                 try:
                     ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
                     loaded.append(path)
                     break
                 except OSError:
                     continue
-        return loaded
+            else:
+                missing.append((names, syms))
+        return loaded, missing
 
     def has(self, feature: str) -> bool:
         return self.features.get(feature, False)

@@ -11,15 +11,18 @@ the pointer type: real ctypes pointers for the running process, ``c_uint32``
 for MIPS o32 (pointers 4 bytes; int64 aligned to 8 as on x86-64, so ctypes on
 a 64-bit host computes the o32 layout exactly).
 
-SDK 1.1.6 appends fields to structs the *caller* allocates and the library
-fills (IMPEncoderStream, IMPEncoderChnAttr): :func:`alloc` always reserves
-:data:`ABI_TAIL` spare bytes after such a struct so a newer library can never
-write past our allocation.
+Later releases (gtxaspec/ingenic-headers T31/1.1.2 … 1.1.6, compiled the same
+way) differ from 1.1.1 in a few structs only; :data:`SDK_STRUCTS` names them per
+release and the backend picks its layouts from it by the detected version.
+Structs the *caller* allocates and the library fills (IMPEncoderStream,
+IMPEncoderChnAttr) get :data:`ABI_TAIL` spare bytes from :func:`alloc`, so an
+unknown newer release can never write past our allocation.
 """
 
 from __future__ import annotations
 
 import ctypes
+import re
 import types
 from ctypes import (c_bool, c_char, c_int, c_int16, c_int32, c_int64, c_uint8, c_uint16,
                     c_uint32)
@@ -87,6 +90,10 @@ def build(ptr: type | None = None) -> types.SimpleNamespace:
         ("picWidth", c_int), ("picHeight", c_int), ("pixFmt", c_enum), ("crop", s.IMPFSChnCrop),
         ("scaler", s.IMPFSChnScaler), ("outFrmRateNum", c_int), ("outFrmRateDen", c_int),
         ("nrVBs", c_int), ("type", c_enum), ("fcrop", s.IMPFSChnCrop)])
+    # 1.1.5 and 1.1.5.2 (T31/1.1.5*/en imp_framesource.h) have no fcrop: 60 bytes.  The library
+    # only reads this struct, so the backend passes the 80-byte one (fcrop zeroed) everywhere.
+    s.IMPFSChnAttr_115 = _struct("IMPFSChnAttr_115", s.IMPFSChnAttr._fields_[:-1])
+    s.IMPVersion = _struct("IMPVersion", [("aVersion", c_char * 64)])  # imp_system.h, every T31 SDK
 
     s.IMPEncoderNalType = _struct("IMPEncoderNalType", [("h264NalType", c_enum),
                                                         ("h265NalType", c_enum)], union=True)
@@ -104,6 +111,17 @@ def build(ptr: type | None = None) -> types.SimpleNamespace:
         ("uNumCU64x64", c_uint32), ("iSliceQP", c_int16), ("iMinQP", c_int16), ("iMaxQP", c_int16)])
     s._IMPEncoderStreamInfoU = _struct("_IMPEncoderStreamInfoU", [
         ("streamInfo", s.IMPEncoderStreamInfo), ("jpegInfo", s.IMPEncoderJpegInfo)], union=True)
+    # The stream tail per SDK (gtxaspec/ingenic-headers T31/<v>/imp/imp_encoder.h): 1.1.1, 1.1.2
+    # and 1.1.5.2 have none; 1.1.4 appends the info union (60 bytes on o32); 1.1.5 too, with
+    # streamInfo.isVI (uint8_t) after iMaxQP (60 bytes); 1.1.6 puts isVI before the union (64).
+    s.IMPEncoderStream_114 = _struct("IMPEncoderStream_114", stream_head + [
+        ("_info", s._IMPEncoderStreamInfoU)], anonymous=("_info",))
+    s.IMPEncoderStreamInfo_115 = _struct("IMPEncoderStreamInfo_115", list(s.IMPEncoderStreamInfo._fields_)
+                                         + [("isVI", c_uint8)])
+    s._IMPEncoderStreamInfoU_115 = _struct("_IMPEncoderStreamInfoU_115", [
+        ("streamInfo", s.IMPEncoderStreamInfo_115), ("jpegInfo", s.IMPEncoderJpegInfo)], union=True)
+    s.IMPEncoderStream_115 = _struct("IMPEncoderStream_115", stream_head + [
+        ("_info", s._IMPEncoderStreamInfoU_115)], anonymous=("_info",))
     s.IMPEncoderStream_116 = _struct("IMPEncoderStream_116", stream_head + [
         ("isVI", c_bool), ("_info", s._IMPEncoderStreamInfoU)], anonymous=("_info",))
 
@@ -151,11 +169,45 @@ def build(ptr: type | None = None) -> types.SimpleNamespace:
 # Names checked against the C compiler (tests/fakes/imp_abi.h).
 STRUCT_NAMES = (
     "IMPCell", "IMPFrameInfo", "IMPFrameInfo_116", "IMPI2CInfo", "IMPSPIInfo", "IMPSensorInfo",
-    "IMPFSChnCrop", "IMPFSChnScaler", "IMPFSChnAttr", "IMPEncoderPack", "IMPEncoderStream",
+    "IMPFSChnCrop", "IMPFSChnScaler", "IMPFSChnAttr", "IMPFSChnAttr_115", "IMPVersion",
+    "IMPEncoderPack", "IMPEncoderStream", "IMPEncoderStream_114", "IMPEncoderStream_115",
     "IMPEncoderStream_116", "IMPEncoderCropCfg", "IMPEncoderEncAttr", "IMPEncoderGopAttr",
     "IMPEncoderAttrCbr", "IMPEncoderAttrVbr", "IMPEncoderAttrCappedVbr", "IMPEncoderAttrRcMode",
     "IMPEncoderRcAttr", "IMPEncoderChnAttr", "IMPEncoderChnStat",
 )
+
+# The vendor's structs per T31 SDK release, as data: the vendor name -> our class where that
+# release differs from 1.1.1 (every other struct of STRUCT_NAMES is 1.1.1's, offsets and size;
+# tests/test_t31_structs.py holds the values compiled from each release's headers).
+SDK_STRUCTS: dict[str, dict[str, str]] = {
+    "1.1.1": {},
+    "1.1.2": {},
+    "1.1.4": {"IMPEncoderStream": "IMPEncoderStream_114"},
+    "1.1.5": {"IMPEncoderStream": "IMPEncoderStream_115", "IMPFSChnAttr": "IMPFSChnAttr_115"},
+    "1.1.5.2": {"IMPFSChnAttr": "IMPFSChnAttr_115"},
+    "1.1.6": {"IMPFrameInfo": "IMPFrameInfo_116", "IMPEncoderStream": "IMPEncoderStream_116"},
+}
+SDK_RELEASES = tuple(SDK_STRUCTS)  # oldest first
+
+
+def sdk_struct(ns: types.SimpleNamespace, sdk: str, name: str) -> type:
+    """The class laid out as ``name`` is in SDK release ``sdk`` (a key of SDK_STRUCTS)."""
+    return getattr(ns, SDK_STRUCTS[sdk].get(name, name))
+
+
+def sdk_release(version: str) -> tuple[str | None, bool]:
+    """The SDK_STRUCTS release for a version text ("IMP-1.1.6", "1.1.5.2", "IMP-1.1.6-20210701"):
+    (release, exact).  An unknown release maps to the newest known one not above it; text without
+    a version gives (None, False)."""
+    m = re.search(r"(\d+)\.(\d+)\.(\d+)(?:\.(\d+))?", version or "")
+    if not m:
+        return None, False
+    want = tuple(int(x) for x in m.groups() if x is not None)
+    known = sorted((tuple(int(x) for x in r.split(".")), r) for r in SDK_RELEASES)
+    below = [r for k, r in known if k <= want]
+    if not below:
+        return known[0][1], False
+    return below[-1], below[-1] == ".".join(map(str, want))
 
 native = build()  # the process's own ABI
 mips_o32 = build(c_uint32)
