@@ -381,16 +381,14 @@ class FuseMount(Server):
             self._init_done.set()
             return
         want |= {"passthrough": P.PASSTHROUGH, "direct": P.DIRECT_IO_ALLOW_MMAP, "cached": 0}[mode]
-        agreed = want & offered
+        agreed = want & offered & P.flags_known(self._minor)
         max_pages = 256 if agreed & P.MAX_PAGES else 32
         self._max_write = max_pages * 4096
-        if minor < 23:
-            out = P.INIT_OUT_COMPAT22.pack(P.KERNEL_MAJOR, self._minor, max_readahead, agreed & 0xFFFFFFFF,
-                                           16, 12, self._max_write)
-        else:
-            out = P.INIT_OUT.pack(P.KERNEL_MAJOR, self._minor, max_readahead, agreed & 0xFFFFFFFF,
-                                  16, 12, self._max_write, 1, max_pages, 0, agreed >> 32,
-                                  1 if mode == "passthrough" else 0, 0)
+        layout = P.init_out_for(self._minor)
+        fields = (P.KERNEL_MAJOR, self._minor, max_readahead, agreed & 0xFFFFFFFF, 16, 12, self._max_write)
+        if layout is P.INIT_OUT:  # + time_gran, max_pages, map_alignment, flags2, max_stack_depth
+            fields += (1, max_pages, 0, agreed >> 32, 1 if mode == "passthrough" else 0, 0)
+        out = layout.pack(*fields)
         self._reply(unique, out)
         if mode == "passthrough" and not self._try_backing():
             mode = "direct" if agreed & P.DIRECT_IO_ALLOW_MMAP else "cached"

@@ -47,6 +47,20 @@ INIT_EXT = 1 << 30
 DIRECT_IO_ALLOW_MMAP = 1 << 36
 PASSTHROUGH = 1 << 37
 
+# The protocol minor that brought each thing we use (include/uapi/linux/fuse.h changelog): an
+# INIT flag is asked for, a notification sent, only when the negotiated minor has it, so a 3.10
+# (7.22) or 4.4 (7.23) kernel never sees what it would not know.
+FLAG_SINCE = {ASYNC_READ: 6, BIG_WRITES: 9, HAS_IOCTL_DIR: 18, MAX_PAGES: 28, INIT_EXT: 36,
+              DIRECT_IO_ALLOW_MMAP: 39, PASSTHROUGH: 40}
+NOTIFY_SINCE = {NOTIFY_POLL: 11, NOTIFY_INVAL_INODE: 12, NOTIFY_INVAL_ENTRY: 12, NOTIFY_STORE: 15,
+                NOTIFY_RETRIEVE: 15, NOTIFY_DELETE: 18}
+
+
+def flags_known(minor: int) -> int:
+    """The INIT flags of FLAG_SINCE that protocol 7.<minor> defines."""
+    return sum(flag for flag, since in FLAG_SINCE.items() if since <= minor)
+
+
 # CUSE_INIT flags.
 CUSE_UNRESTRICTED_IOCTL = 1 << 0
 
@@ -89,7 +103,8 @@ IN_HEADER = struct.Struct("<IIQQIIIHH")        # len opcode unique nodeid uid gi
 OUT_HEADER = struct.Struct("<IiQ")              # len error unique (16)
 INIT_IN = struct.Struct("<IIII")                # major minor max_readahead flags (+flags2 at 16)
 INIT_OUT = struct.Struct("<IIIIHHIIHHIIH22x")   # 64 bytes (7.23+)
-INIT_OUT_COMPAT22 = struct.Struct("<IIIIHHI")   # 24 bytes (7.22)
+INIT_OUT_COMPAT22 = struct.Struct("<IIIIHHI")   # 24 bytes (7.22: FUSE_COMPAT_22_INIT_OUT_SIZE)
+INIT_OUT_SINCE = ((23, INIT_OUT), (MIN_MINOR, INIT_OUT_COMPAT22))  # the reply a minor expects
 CUSE_INIT_IN = struct.Struct("<IIII")
 CUSE_INIT_OUT = struct.Struct("<IIIIIIII40x")    # 72 bytes
 OPEN_IN = struct.Struct("<II")                  # flags open_flags
@@ -119,4 +134,12 @@ NOTIFY_RETRIEVE_IN = struct.Struct("<QQIIQQ")   # dummy offset size dummy dummy 
 BACKING_MAP = struct.Struct("<iIQ")
 
 assert IN_HEADER.size == 40 and OUT_HEADER.size == 16 and INIT_OUT.size == 64
+
+
+def init_out_for(minor: int) -> struct.Struct:
+    """The fuse_init_out layout the kernel of protocol 7.<minor> reads (a 3.10 kernel refuses
+    a reply longer than its 24-byte struct)."""
+    return next(st for since, st in INIT_OUT_SINCE if minor >= since)
+
+
 assert ATTR.size == 88 and CUSE_INIT_OUT.size == 72 and KSTATFS.size == 80

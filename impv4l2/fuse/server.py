@@ -256,7 +256,11 @@ class Server:
         self._send([P.OUT_HEADER.pack(16, -err, unique)])
 
     def _notify(self, code: int, payload: list) -> int:
-        """Send a notification (unique 0, code in `error`); returns 0 or the errno."""
+        """Send a notification (unique 0, code in `error`); returns 0 or the errno.  A code the
+        negotiated protocol minor lacks is not sent (ENOSYS), as that kernel would fail the write."""
+        if P.NOTIFY_SINCE.get(code, P.MAX_MINOR + 1) > self._minor:
+            log.warning("%s: notification %d not in FUSE 7.%d: not sent", self.label, code, self._minor)
+            return errno.ENOSYS
         size = 16 + sum(len(p) for p in payload)
         try:
             os.writev(self._fd, [P.OUT_HEADER.pack(size, code, 0), *payload])
