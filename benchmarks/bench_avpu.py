@@ -90,7 +90,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames-1080p", type=int, default=120)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=0, help="x264 threads (0 = auto)")
+    ap.add_argument("--threads", type=int, default=avpu.X264_THREADS,
+                    help="x264 slice threads (0 = auto; default the channel's X264_THREADS)")
     ap.add_argument("--profile", default="high", choices=[p.value for p in Profile])
     a = ap.parse_args()
     sizes = [(640, 360), (1280, 720), (1920, 1080)]

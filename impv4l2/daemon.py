@@ -312,6 +312,8 @@ class Daemon:
                 self._bring_up()
             else:
                 assert self.hotplug is not None
+                from .driver import check_backend
+                check_backend(self.cfg.backend, **self.cfg.backend_options)  # no libimp: fail now
                 self._preload()
                 log.info("waiting for the hardware: %s", ", ".join(self.hotplug.hw.missing))
         except BaseException:

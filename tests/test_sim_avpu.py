@@ -118,6 +118,17 @@ def test_t31_layout_and_one_au_per_frame(avpu):
     assert n == 100
 
 
+def test_one_slice_per_picture_as_the_avpu(avpu):
+    """The T31's AVPU codes each picture as one slice; x264 with (automatic) sliced threads
+    cut 720p and 1080p pictures into one slice per thread (7, 8, 5, 5, 1, 1, ... on 2 cores)."""
+    w, h = 1280, 720
+    ch = avpu.create_channel(params(width=w, height=h, gop=5))
+    efs = encode_all(ch, moving_frames(10, w, h))
+    slices = [sum(t in (1, 5) for t in ef.nal_types) for ef in efs]
+    assert slices == [1] * 10, [ef.nal_types for ef in efs]
+    assert [ef.nal_types for ef in efs[:2]] == [[7, 8, 5], [1]]
+
+
 @pytest.mark.parametrize("profile,idc,level", [
     (Profile.HIGH, 100, "5.1"), (Profile.MAIN, 77, "4.0"), (Profile.BASELINE, 66, "3.1")])
 def test_profile_level_in_sps(avpu, profile, idc, level):

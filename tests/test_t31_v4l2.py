@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-import test_t31_backend  # noqa: E402
+import t31_fake  # noqa: E402
 from v4l2_helpers import buf, ctrl, dqbuf, fmt, ioctl, open_node, reqbufs, streamon  # noqa: E402
 
 from impv4l2.v4l2 import abi  # noqa: E402
@@ -20,7 +20,7 @@ CAP = abi.BufType.VIDEO_CAPTURE
 CID = abi.CID
 PF = abi.PixelFormat
 
-make_fake, fake = test_t31_backend.make_fake, test_t31_backend.fake  # the backend tests' fixtures
+make_fake, fake = t31_fake.make_fake, t31_fake.fake  # the fixtures of the fake libimp
 
 
 @pytest.fixture

@@ -13,8 +13,7 @@ BACKENDS = {
 }
 
 
-def load_backend(name: str = "sim", **options) -> Backend:
-    """Create the backend ``name`` with backend-specific keyword options."""
+def _backend_class(name: str) -> type:
     try:
         target = BACKENDS[name]
     except KeyError:
@@ -28,4 +27,17 @@ def load_backend(name: str = "sim", **options) -> Backend:
         # the sim renders and encodes in software; the camera has neither library
         raise RuntimeError(f"backend {name!r} needs {e.name} (not installed here); "
                            f"on a T31 camera use --backend t31") from e
-    return getattr(mod, cls)(**options)
+    return getattr(mod, cls)
+
+
+def load_backend(name: str = "sim", **options) -> Backend:
+    """Create the backend ``name`` with backend-specific keyword options."""
+    return _backend_class(name)(**options)
+
+
+def check_backend(name: str, **options) -> None:
+    """What a backend can check without its hardware (t31: libimp.so loads and has every
+    required symbol), so a daemon waiting for the hardware fails now rather than never."""
+    preflight = getattr(_backend_class(name), "preflight", None)
+    if preflight is not None:
+        preflight(**options)

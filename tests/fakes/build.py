@@ -1,6 +1,6 @@
 """Build helpers for the fake libimp and the struct-layout cross-check.
 
-``build_fake()`` compiles libimp_fake.c with the system gcc into a cache dir
+``build_fake()`` compiles libimp_fake*.c with the system gcc into a cache dir
 (``$IMPV4L2_FAKE_BUILD`` or ``$TMPDIR/impv4l2-fakes``), keyed by a hash of the
 sources and options.  ``omit`` hides exported symbols with a linker version
 script (exact names beat the ``*`` wildcard), which is how a variant "without
@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SOURCES = (HERE / "libimp_fake.c", HERE / "imp_abi.h")
+C_FILES = (HERE / "libimp_fake.c", HERE / "libimp_fake_fs.c", HERE / "libimp_fake_enc.c")
+SOURCES = (*C_FILES, HERE / "libimp_fake.h", HERE / "imp_abi.h")
 
 
 def build_dir() -> Path:
@@ -43,7 +44,7 @@ def build_fake(omit: tuple[str, ...] = (), cflags: tuple[str, ...] = (), cc: str
         return lib
     tmp = Path(tempfile.mkdtemp(dir=build_dir()))
     cmd = [cc, "-shared", "-fPIC", "-O2", "-g", "-Wall", "-Werror", "-pthread", *cflags,
-           "-I", str(HERE), "-o", str(tmp / "libimp.so"), str(HERE / "libimp_fake.c")]
+           "-I", str(HERE), "-o", str(tmp / "libimp.so"), *map(str, C_FILES)]
     if omit:
         script = tmp / "omit.map"
         script.write_text("{ global: *; local: %s; };\n" % "; ".join(omit))

@@ -8,6 +8,12 @@ What the T31 AVPU emits, and so what this encoder emits:
   (scenecut off) or when requested;
 * zero latency: every ``encode()`` returns the access unit of that very frame
   (tune=zerolatency: no lookahead, sliced threads instead of frame threads);
+* one slice per picture (NAL sequence 7, 8, 5, 1, 1, ...), as the AVPU codes
+  it: x264 runs one thread per channel (:data:`X264_THREADS`; sliced threads
+  would cut each picture into one slice per thread).  The parallelism is across
+  channels, each encoding on its own thread with the GIL released; one
+  ultrafast 1080p channel alone runs at ~120 fps on one core here
+  (benchmarks/bench_avpu.py);
 * JPEG: one baseline JPEG per frame.
 
 Input frames are NV12 (or I420 with ``EncoderParams.pixel_format="yu12"``)
@@ -58,6 +64,10 @@ from ..h264 import START_CODE, NalSpan, NalType, level_idc, nal_spans
 
 log = logging.getLogger("impv4l2.driver.sim.avpu")
 
+# x264 threads per H.264 channel.  Sliced threads (the zero-latency kind) give one slice per
+# thread; the T31's AVPU codes one slice per picture, so one thread (frame threads would
+# delay every AU by a frame per thread).
+X264_THREADS = 1
 # NAL types the T31 never emits: dropped from x264's output.
 _DROP_NALS = frozenset({NalType.SEI, NalType.AUD, NalType.FILLER})
 
@@ -172,11 +182,11 @@ class SimH264Channel(EncoderChannel):
     """
 
     def __init__(self, params: EncoderParams, *, preset: str = "ultrafast",
-                 threads: int = 0):
+                 threads: int = X264_THREADS):
         _check_params(params)
         self.params = dataclasses.replace(params)
         self._preset = preset
-        self._threads = threads  # 0 = x264's choice (sliced threads)
+        self._threads = threads  # x264 slice threads: one slice each (0 = x264's choice)
         self._lock = threading.Lock()  # guards the _pending* fields
         self._pending: EncoderParams | None = None  # apply at next IDR
         self._pending_now = False  # apply before the next frame
@@ -195,7 +205,7 @@ class SimH264Channel(EncoderChannel):
             "open-gop": 0, "bframes": 0, "repeat-headers": 1, "annexb": 1,
             "aud": 0, "nal-hrd": "none", "intra-refresh": 0,
             "rc-lookahead": 0, "sync-lookahead": 0, "sliced-threads": 1,
-            "threads": self._threads, "level": p.level,
+            "threads": self._threads, "slices": self._threads, "level": p.level,
             **_PROFILE_TOOLS[p.profile], **x264,
         }
         opts = {
@@ -424,11 +434,12 @@ class SimJpegChannel(EncoderChannel):
 class SimAvpu(base.Encoder):
     """Software AVPU: H.264 channels on libx264, JPEG channels on mjpeg.
 
-    ``preset`` is x264's speed preset (ultrafast keeps 1080p real time on two
-    cores); ``threads`` 0 lets x264 pick the number of slice threads.
+    ``preset`` is x264's speed preset (ultrafast keeps 1080p real time on one
+    core); ``threads`` is x264's slice threads per channel, X264_THREADS (one
+    slice per picture, as the T31) unless a benchmark asks otherwise.
     """
 
-    def __init__(self, *, preset: str = "ultrafast", threads: int = 0):
+    def __init__(self, *, preset: str = "ultrafast", threads: int = X264_THREADS):
         self.preset = preset
         self.threads = threads
         self._factories: dict[Codec, Callable[[EncoderParams], EncoderChannel]] = {

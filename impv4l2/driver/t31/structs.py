@@ -42,6 +42,7 @@ FS_PHY_CHANNEL = 0
 DEV_ID_FS, DEV_ID_ENC = 0, 1
 TX_SENSOR_CONTROL_INTERFACE_I2C = 1
 H264_NAL_IDR = 5
+IMP_ENC_SLICE_P, IMP_ENC_SLICE_I = 1, 2  # IMPEncoderSliceType (every T31 release)
 
 
 def _struct(name: str, fields: list, anonymous: tuple[str, ...] = (), union: bool = False) -> type:
