@@ -104,11 +104,13 @@ class SharedMemory(Protocol):
     def sync_to_client(self, offset: int, length: int) -> None:
         """Call before handing a filled region to a client (DQBUF)."""
 
-    def sync_from_client(self, offset: int, length: int) -> bool:
+    def sync_from_client(self, offset: int, length: int, done: Callable[[], None] | None = None) -> bool:
         """Call before using data a client wrote through its mapping (QBUF).
 
-        True: the memory is current.  False: a fetch is in flight; raise
-        WouldBlock and try again after the device is woken.
+        True: the memory is current.  False: a fetch is in flight; try again
+        after the device is woken or, from a thread of the device's own,
+        after ``done()`` is called (from the transport's thread, once the
+        fetch has landed; spurious calls are possible).
         """
 
 

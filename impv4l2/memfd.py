@@ -34,7 +34,8 @@ def _map_reserve(fd: int, length: int) -> tuple[int, memoryview]:
 PAGE = mmap.PAGESIZE
 
 SyncTo = Callable[[int, int], None]
-SyncFrom = Callable[[int, int], bool]
+# (offset, length, done): False = a fetch is in flight and done() is called when it lands
+SyncFrom = Callable[[int, int, Callable[[], None] | None], bool]
 
 
 def page_align(n: int) -> int:
@@ -93,8 +94,8 @@ class MemfdMemory:
         for hook in self._to_hooks:
             hook(offset, length)
 
-    def sync_from_client(self, offset: int, length: int) -> bool:
-        return all([hook(offset, length) for hook in self._from_hooks])
+    def sync_from_client(self, offset: int, length: int, done: Callable[[], None] | None = None) -> bool:
+        return all([hook(offset, length, done) for hook in self._from_hooks])
 
     def close(self) -> None:
         """Free the memory.  The owner stops every producer and consumer first:

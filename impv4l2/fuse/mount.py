@@ -26,11 +26,13 @@ from __future__ import annotations
 import errno
 import grp
 import logging
+import mmap
 import os
 import queue
 import stat
 import threading
 import time
+from typing import Callable
 
 from .. import fileops
 from . import proto as P
@@ -108,6 +110,7 @@ class FuseMount(Server):
         self._writer: threading.Thread | None = None
         self._max_write = 1 << 20
         self._retrieve_ids: dict[int, tuple] = {}   # notify_unique -> (node, (offset, len))
+        self._retrieve_lock = threading.Lock()   # retrieve state: device threads vs the loop
         self._next_retrieve = 0
         self._ops.update({
             P.INIT: self._op_init,
@@ -230,7 +233,8 @@ class FuseMount(Server):
         mem = node.device.memory
         if mem is None or not hasattr(mem, "add_sync_hooks"):
             return
-        node.hooks = (lambda off, n: self._sync_to(node, off, n), lambda off, n: self._sync_from(node, off, n))
+        node.hooks = (lambda off, n: self._sync_to(node, off, n),
+                      lambda off, n, done=None: self._sync_from(node, off, n, done))
         mem.add_sync_hooks(*node.hooks)
 
     def _memory_io(self, of) -> bool:
@@ -251,14 +255,17 @@ class FuseMount(Server):
     def _push_size(self, node: Node) -> None:
         """Grow the kernel's i_size with the memory (faults past i_size are SIGBUS).
 
-        A zero-length NOTIFY_STORE at the new end touches no page, so it is
-        safe from the loop thread.
+        The store carries the new last page: since 5.16 (fuse_write_update_attr) a
+        NOTIFY_STORE moves i_size only when it writes data, and a zero-length one
+        left it short, so the first touch of a buffer a client writes before any
+        DQBUF (M2M OUTPUT) was SIGBUS.  It goes the way of every store (deferred
+        behind the reply on the loop thread); the page is new memory no client holds.
         """
         mem = node.device.memory
         size = mem.size if mem is not None else 0
         if size > node.pushed_size and node.nlookup > 0:
             node.pushed_size = size
-            self._notify(P.NOTIFY_STORE, [P.NOTIFY_STORE_OUT.pack(node.nodeid, size, 0, 0)])
+            self._sync_to(node, size - mmap.PAGESIZE, mmap.PAGESIZE)
 
     def _after_ioctl(self, node: Node) -> None:
         if self.mmap_mode != "passthrough" and node.device.memory is not None:
@@ -304,16 +311,26 @@ class FuseMount(Server):
                 self._store(node, offset, length)
             self._write(parts)
 
-    def _sync_from(self, node: Node, offset: int, length: int) -> bool:
+    def _sync_from(self, node: Node, offset: int, length: int, done: Callable[[], None] | None = None) -> bool:
+        # Called from a device thread while replies land on the loop thread: the lock keeps a
+        # completion from slipping between the state check and the registration of done().
         key = (offset, length)
-        state = node.retrieves.get(key)
-        if state is True:
-            del node.retrieves[key]
-            return True
-        if state is False:
+        with self._retrieve_lock:
+            state = node.retrieves.get(key)
+            if state is True:
+                del node.retrieves[key]
+                return True
+            if done is not None:
+                node.retrieve_done.setdefault(key, []).append(done)
+            if state is False:
+                return False
+            if node.nlookup <= 0 or node.removed or not self._fetch(node, key, offset, length):
+                node.retrieve_done.pop(key, None)
+                return True
             return False
-        if node.nlookup <= 0 or node.removed:
-            return True
+
+    def _fetch(self, node: Node, key: tuple[int, int], offset: int, length: int) -> bool:
+        """Ask the kernel for the pages of a client's mapping; False: none to fetch."""
         mem = node.device.memory
         end = min(offset + length, mem.size if mem else 0)
         pending = []
@@ -323,7 +340,7 @@ class FuseMount(Server):
             pending.append((pos, n))
             pos += n
         if not pending:
-            return True
+            return False
         node.retrieves[key] = False
         node.retrieve_parts[key] = len(pending)
         for pos, n in pending:
@@ -332,8 +349,8 @@ class FuseMount(Server):
             if err:
                 self._retrieve_ids.pop(unique, None)
                 node.retrieves.pop(key, None)
-                return True   # the kernel has no pages: the memory is current
-        return False
+                return False   # the kernel has no pages: the memory is current
+        return True
 
     def _retrieve_id(self, node: Node, key) -> int:
         self._next_retrieve += 1
@@ -353,10 +370,15 @@ class FuseMount(Server):
             end = min(offset + len(data), mem.size)
             if end > offset:
                 mem.view(offset, end - offset)[:] = data[:end - offset]
-        node.retrieve_parts[key] -= 1
-        if node.retrieve_parts[key] <= 0 and key in node.retrieves:
+        with self._retrieve_lock:
+            node.retrieve_parts[key] -= 1
+            if node.retrieve_parts[key] > 0 or key not in node.retrieves:
+                return
             node.retrieves[key] = True
-            node.wake()
+            done = node.retrieve_done.pop(key, [])
+        node.wake()
+        for fn in done:
+            fn()
 
     # ----- INIT -----------------------------------------------------------------------------
 

@@ -63,6 +63,7 @@ class Node:
         self.hooks: tuple | None = None
         self.retrieves: dict[tuple[int, int], bool] = {}  # (offset, len) -> done
         self.retrieve_parts: dict[tuple[int, int], int] = {}  # replies still expected
+        self.retrieve_done: dict[tuple[int, int], list[Callable[[], None]]] = {}  # called when landed
         self.wake: Callable[[], None] = lambda: None  # this transport's waker (Server.attach)
 
 

@@ -46,7 +46,6 @@ MIN_W, MAX_W, MIN_H, MAX_H, STEP = 64, 2624, 64, 2048, 2
 DEFAULT_W, DEFAULT_H, DEFAULT_FPS = 1280, 720, 30
 MAX_FPS = 240
 MAX_SIZEIMAGE = 64 << 20
-FETCH_RETRY_S = 0.002  # a client-written buffer is still being fetched (FUSE cached/direct mmap)
 
 
 class EncState(enum.Enum):
@@ -114,7 +113,10 @@ class EncoderContext:
         self.out_seq = self.cap_seq = 0
         self.frames = self.lost = self.bad_input = 0
         self._held_out: Buffer | None = None  # taken by the worker, not yet counted for drain
-        self._retry = False
+        # A client-written OUTPUT buffer still being fetched (FUSE cached/direct mmap): the worker
+        # waits until the transport's done() (_fetched) moves past the count it saw before asking.
+        self._fetched = 0
+        self._wait_fetch: int | None = None
         self._stop = False
         self._job_lock = threading.Lock()  # held by the worker while it runs a job
         self._thread: threading.Thread | None = None
@@ -224,11 +226,15 @@ class EncoderContext:
                     if self._stop:
                         self._close_channel()
                         return
+                    if self._wait_fetch is not None and self._wait_fetch == self._fetched:
+                        self.cv.wait()  # woken by the fetch, or by any queue change (then retried)
+                        self._wait_fetch = None
+                        continue
+                    self._wait_fetch = None
                     job = None if self.fatal else self._pick()
                     if job is not None:
                         break
-                    retry, self._retry = self._retry, False
-                    self.cv.wait(FETCH_RETRY_S if retry else None)
+                    self.cv.wait()
             t0 = time.thread_time()
             try:
                 with self._job_lock:
@@ -329,15 +335,23 @@ class EncoderContext:
                     src[top // 2:(top + ch) // 2, left // 2:(left + cw) // 2]
         return memoryview(s)
 
+    def _on_fetched(self) -> None:
+        """The transport's fetch of a client-written buffer landed (its thread)."""
+        with self.cv:
+            self._fetched += 1
+            self.cv.notify()
+
     def _encode(self, ob: Buffer, cb: Buffer) -> None:
         out, cap = self.out_q, self.cap_q
         p = ob.planes[0]
-        if out.mem_type == abi.Memory.MMAP and not self.node.memory.sync_from_client(p.offset, p.bytesused):
-            with self.cv:  # the client's data is still being fetched: retry shortly
+        seen = self._fetched
+        if out.mem_type == abi.Memory.MMAP and not self.node.memory.sync_from_client(p.offset, p.bytesused,
+                                                                                   self._on_fetched):
+            with self.cv:  # the client's data is still being fetched: retry once it has landed
                 self._held_out = None
                 cap.cancel(cb)
                 out.cancel(ob)
-                self._retry = True
+                self._wait_fetch = seen
             return
         with self.cv:
             self._held_out = None
