@@ -23,10 +23,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("impv4l2.daemon")
 
 
+DEV = "/dev"  # where desktop apps look for video4linux nodes
+
+
 def taken_video_numbers() -> set[int]:
     """/dev/videoN numbers in use by the kernel or another driver."""
     used = set()
-    for path in glob.glob("/dev/video*") + glob.glob("/sys/class/video4linux/video*"):
+    for path in glob.glob(os.path.join(DEV, "video*")) + glob.glob("/sys/class/video4linux/video*"):
         tail = os.path.basename(path)[5:]
         if tail.isdigit():
             used.add(int(tail))
@@ -38,22 +41,29 @@ def link_target(mount: str, name: str) -> str:
     return os.path.join(os.path.abspath(mount), name)
 
 
-def remove_stale_links(mount: str, dev: str = "/dev") -> list[str]:
+def is_our_link(path: str, mount: str) -> bool:
+    """``path`` is a symlink to ``<mount>/<its own name>``, exactly what :meth:`Daemon._link`
+    makes; anything else at a /dev/videoN name is another program's."""
+    try:
+        return os.readlink(path) == link_target(mount, os.path.basename(path))
+    except OSError:  # not a link, or gone
+        return False
+
+
+def remove_stale_links(mount: str, dev: str = DEV) -> list[str]:
     """Remove ``/dev/videoN`` links of ours left by a run that died (kill -9).
 
-    Ours means: a symlink whose target is ``<mount>/videoN`` of the same name,
-    which is exactly what :meth:`Daemon._link` makes; any other link or node,
-    another program's, is left alone.  Called before the names are chosen, so
-    a restart gets the same numbers back.
+    Only links :func:`is_our_link` recognises go; another program's link or
+    node is left alone (and its number skipped by :func:`allocate_names`).
+    Called before the names are chosen, so a restart gets the same numbers back.
     """
     removed = []
     if not mount:
         return removed
     for path in glob.glob(os.path.join(dev, "video*")):
-        name = os.path.basename(path)
+        if not is_our_link(path, mount):
+            continue
         try:
-            if not os.path.islink(path) or os.readlink(path) != link_target(mount, name):
-                continue
             os.unlink(path)
         except OSError:
             continue
@@ -203,21 +213,32 @@ class Daemon:
                 self.mount.add(dev)
                 log.info("%s: FUSE file %s/%s (%s, mmap %s)", dev.name, t.mount, dev.name,
                          role, self.mount.mmap_mode)
-            # ffmpeg finds M2M encoders only by scanning /dev for video*.
-            if not self._use_cuse and t.dev_links and "encoder" in self.nodes:
-                self._link(self.nodes["encoder"].name)
+            # Desktop apps (Chromium, ffmpeg looking for an M2M encoder) find nodes only by
+            # scanning /dev for video*; a CUSE node is there already.
+            if not self._use_cuse and t.dev_links:
+                for dev in self.nodes.values():
+                    self._link(dev.name)
 
     def _link(self, name: str) -> None:
-        link = f"/dev/{name}"
-        target = link_target(self.cfg.transport.mount, name)
+        """Link /dev/<name> to its FUSE file; never over another program's entry."""
+        link, mount = os.path.join(DEV, name), self.cfg.transport.mount
+        target = link_target(mount, name)
         try:
-            if os.path.islink(link):
-                os.unlink(link)  # ours from a crashed run
+            if is_our_link(link, mount):
+                os.unlink(link)  # ours from a crashed run (a configured name, or a race)
             os.symlink(target, link)
-            self.links.append(link)
-            log.info("%s: symlink %s -> %s", name, link, target)
-        except OSError as e:
+        except OSError as e:  # EEXIST: a configured name another program holds
             log.warning("%s: cannot create %s: %s", name, link, e)
+            return
+        self.links.append(link)
+        log.info("%s: symlink %s -> %s", name, link, target)
+
+    def _unlink(self, link: str) -> None:
+        """Remove a link made by :meth:`_link`, unless something else replaced it since."""
+        if is_our_link(link, self.cfg.transport.mount):
+            os.unlink(link)
+        else:
+            log.warning("%s: no longer our link, left alone", link)
 
     # ------------------------------------------------------------ hardware up/down
     def _bring_up(self) -> None:
@@ -246,7 +267,7 @@ class Daemon:
         on (parked requests included), so no client waits on a closed backend.
         """
         steps: list[tuple[str, Callable[[], None]]] = []
-        steps += [(link, lambda link=link: os.unlink(link)) for link in self.links]
+        steps += [(link, lambda link=link: self._unlink(link)) for link in self.links]
         steps += [(f"CUSE {srv.devname}", srv.stop) for srv in self.cuse]
         if self.shim is not None:
             steps += [(f"shim {d.name}", lambda d=d: self.shim.unregister(d.name)) for d in self.nodes.values()]
