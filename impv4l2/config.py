@@ -66,6 +66,25 @@ class HotplugConfig:
 
 
 @dataclasses.dataclass
+class DayNightConfig:
+    """[daynight]: IR-cut filter and IR LED lines (sysfs GPIO numbers as thingino boards
+    name them, -1: none), their active values, and the auto mode's hysteresis on the
+    ISP's total gain (x1 = well lit): night at >= night_gain, day at <= day_gain, each
+    after ``hold`` samples ``interval_ms`` apart."""
+
+    mode: str = "day"  # initial Day/Night control: day | night | auto
+    ircut_gpio: int = -1
+    irled_gpio: int = -1
+    ircut_day: int = 1  # line value with the filter in (day)
+    irled_on: int = 1  # line value with the LEDs lit
+    gpio_root: str = "/sys/class/gpio"
+    night_gain: int = 8
+    day_gain: int = 2
+    interval_ms: int = 1000
+    hold: int = 3
+
+
+@dataclasses.dataclass
 class Config:
     backend: str = "sim"
     log_level: str = "info"  # debug | info | warning | error (-v forces debug)
@@ -78,6 +97,7 @@ class Config:
     encoder: EncoderDefaults = dataclasses.field(default_factory=EncoderDefaults)
     transport: TransportConfig = dataclasses.field(default_factory=TransportConfig)
     hotplug: HotplugConfig = dataclasses.field(default_factory=HotplugConfig)
+    daynight: DayNightConfig = dataclasses.field(default_factory=DayNightConfig)
     path: str | None = None
 
     @property
@@ -95,6 +115,7 @@ _CHOICES = {
     ("", "backend"): ("sim", "t31"),
     ("", "log_level"): ("debug", "info", "warning", "error"),
     ("hotplug", "enable"): ("auto", "on", "off"),
+    ("daynight", "mode"): ("day", "night", "auto"),
 }
 
 # Values rewritten before checking, as data: TOML booleans for on/off switches.
@@ -111,6 +132,7 @@ _SECTIONS: dict[str, type] = {
     "main": ChannelConfig,
     "sub": ChannelConfig,
     "hotplug": HotplugConfig,
+    "daynight": DayNightConfig,
 }
 
 

@@ -165,7 +165,8 @@ class Daemon:
                 log.warning("%s channel: cannot use %dx%d@%d (%s); keeping %s", role,
                             want.width, want.height, want.fps, e, ch.mode)
             self.nodes[role] = CaptureNode(names[role], self.backend, ch,
-                                           encoder_defaults=self.cfg.encoder, budget=budget)
+                                           encoder_defaults=self.cfg.encoder, budget=budget,
+                                           daynight=self.cfg.daynight)
 
     def _budget(self) -> BufferBudget:
         """The buffer memory the nodes share: configuration, else the backend's default."""

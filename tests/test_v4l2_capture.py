@@ -191,9 +191,16 @@ def test_controls_query_and_enumeration(nodes):
                 CID.POWER_LINE_FREQUENCY, CID_DAY_NIGHT, CID.CAMERA_CLASS,
                 CID.EXPOSURE_AUTO, CID.EXPOSURE_ABSOLUTE):
         assert cid in ids
-    # Only NEXT_COMPOUND: there are no compound controls.
+    # Only NEXT_COMPOUND: the compound (array) controls, the motion detection grids.
     q = abi.v4l2_queryctrl()
     q.id = abi.CtrlFlag.NEXT_COMPOUND
+    ioctl(h, "QUERYCTRL", q)
+    assert (q.id, q.type, q.flags) == (CID.DETECT_MD_THRESHOLD_GRID, abi.CtrlType.U16, abi.CtrlFlag.HAS_PAYLOAD)
+    assert (q.minimum, q.maximum, q.step, q.default_value) == (0, 0, 0, 0)  # QUERYCTRL: none for arrays
+    q.id = CID.DETECT_MD_THRESHOLD_GRID | abi.CtrlFlag.NEXT_COMPOUND
+    ioctl(h, "QUERYCTRL", q)
+    assert q.id == CID.DETECT_MD_REGION_GRID
+    q.id = CID.DETECT_MD_REGION_GRID | abi.CtrlFlag.NEXT_COMPOUND
     assert err(h, "QUERYCTRL", q) == errno.EINVAL
     q = abi.v4l2_queryctrl()
     q.id = CID.BRIGHTNESS
@@ -207,6 +214,9 @@ def test_controls_query_and_enumeration(nodes):
     ioctl(h, "QUERYCTRL", q)
     assert q.id == abi.CID_PRIVATE_BASE and q.name == b"Day/Night"
     q.id = abi.CID_PRIVATE_BASE + 1
+    ioctl(h, "QUERYCTRL", q)
+    assert q.name == b"Day/Night State" and q.flags == abi.CtrlFlag.READ_ONLY
+    q.id = abi.CID_PRIVATE_BASE + 2
     assert err(h, "QUERYCTRL", q) == errno.EINVAL
     # Menus.
     names = []
@@ -235,7 +245,7 @@ def test_controls_get_set_shared_and_errors(nodes, backend):
         assert err(hm, "G_CTRL", abi.v4l2_control(CID.USER_CLASS, 0)) == errno.EACCES
         assert err(hm, "S_CTRL", abi.v4l2_control(CID.USER_CLASS, 0)) == errno.EACCES
         assert ctrl(hm, CID_DAY_NIGHT, 1) == 1
-        assert err(hm, "S_CTRL", abi.v4l2_control(CID_DAY_NIGHT, 2)) == errno.ERANGE
+        assert err(hm, "S_CTRL", abi.v4l2_control(CID_DAY_NIGHT, 3)) == errno.ERANGE  # 2: Auto
     finally:
         ctrl(hm, CID.BRIGHTNESS, 128)
         ctrl(hm, CID_DAY_NIGHT, 0)

@@ -15,7 +15,10 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
-from typing import Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 # ---------------------------------------------------------------- controls
@@ -231,6 +234,43 @@ class Encoder(abc.ABC):
     def create_channel(self, params: EncoderParams) -> EncoderChannel: ...
 
 
+# ---------------------------------------------------------------- camera features (optional)
+
+MOTION_ACTIVITY_MAX = 1000  # activity unit: per mille of a cell's pixels that changed
+
+
+@dataclasses.dataclass(frozen=True)
+class MotionReport:
+    """Motion activity of one analysed frame."""
+
+    timestamp_ns: int  # capture time of the frame (the clock of FrameInfo.timestamp_ns)
+    activity: "np.ndarray"  # (rows, cols) uint16, 0..MOTION_ACTIVITY_MAX per grid cell
+
+
+class MotionSource(abc.ABC):
+    """Motion analysis of the picture over a grid of cells (IMP's IVS move interface).
+
+    The source only measures; thresholds and regions are the caller's.  Reports come
+    from a backend thread, one per analysed frame, and must not block."""
+
+    rows: int
+    cols: int
+
+    @abc.abstractmethod
+    def start(self, report: Callable[[MotionReport], None]) -> None: ...
+
+    @abc.abstractmethod
+    def stop(self) -> None: ...
+
+
+class LightMeter(abc.ABC):
+    """The ISP's exposure readout, for day/night decisions."""
+
+    @abc.abstractmethod
+    def total_gain(self) -> float:
+        """Exposure x gain the AE needs, relative to a well-lit scene (1.0); darker is higher."""
+
+
 # ---------------------------------------------------------------- backend
 
 class Backend(abc.ABC):
@@ -245,6 +285,9 @@ class Backend(abc.ABC):
     # media reserve.  Configuration ([nodes] buffer_mb, total_buffer_mb) overrides.
     buffer_memory: int = 0
     total_buffer_memory: int = 0
+    # Optional camera features; None: not offered (the device model shows no controls for them).
+    motion: MotionSource | None = None
+    light_meter: LightMeter | None = None
 
     def set_lost_callback(self, lost: Callable[[str], None]) -> None:
         """Called (with a reason) when the hardware disappears (hot-plug)."""

@@ -16,6 +16,10 @@ selected format are flagged INACTIVE (all of them for raw formats), and a
 flag change is sent as V4L2_EVENT_CTRL with CH_FLAGS.  A client slower than the sensor loses frames: with no buffer
 queued ``get_buffer`` answers None, the channel drops the frame and the
 sequence numbers of later frames skip it.
+
+Motion detection (Detect class controls, V4L2_EVENT_MOTION_DET) and the
+Day/Night Auto/State controls come from :mod:`impv4l2.v4l2.features` where the
+backend offers them, shared by every node of the backend like the ISP controls.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ from ..fileops import POLLERR, WouldBlock
 from . import abi
 from .budget import UNLIMITED, BufferBudget
 from .codec_controls import H264_CONTROLS, RC_KEYS, STREAM_KEYS, CodecControl, CodecSettings
+from . import features as features_mod
 from .controls import ControlSet, ControlView, isp_control_set
+from .events import motion_event
 from .formats import PixFormat, Produce, capture_formats, fill_pix, nearest_size
 from .node import Node, NodeHandle
 from .queue import Buffer, BufferQueue, FileIO
@@ -71,11 +77,13 @@ _isp_lock = threading.Lock()
 
 
 def isp_controls(backend: Backend) -> ControlSet:
-    """The ISP's control set, shared by every node of ``backend``."""
+    """The ISP's control set, shared by every node of ``backend``.  With a light meter the
+    Day/Night control belongs to the day/night feature (features.DayNightControls)."""
     with _isp_lock:
         cs = _isp_sets.get(id(backend.isp))
         if cs is None:
-            cs = _isp_sets[id(backend.isp)] = isp_control_set(backend.isp)
+            skip = ("day_night",) if backend.light_meter is not None else ()
+            cs = _isp_sets[id(backend.isp)] = isp_control_set(backend.isp, skip)
         return cs
 
 
@@ -90,6 +98,8 @@ class CaptureSink:
         self.inflight: collections.deque[tuple[memoryview, memoryview, Buffer]] = collections.deque()
         self.frames = 0
         self.dropped = 0
+        # (capture timestamp, sequence) of the last frames: motion events name their frame
+        self.recent: collections.deque[tuple[int, int]] = collections.deque(maxlen=8)
 
     def prepare(self, fmt: PixFormat, width: int, height: int) -> None:
         # NATIVE and ENCODED: the backend writes into the client's buffer.
@@ -133,6 +143,7 @@ class CaptureSink:
             else:
                 n = info.bytesused or len(dst)
             self.frames += 1
+            self.recent.append((info.timestamp_ns, info.sequence))
             self.q.done(buf, n, info.sequence, info.timestamp_ns, flags)
         except Exception:
             log.exception("%s: frame %d lost", self.node.name, info.sequence)
@@ -149,16 +160,21 @@ class CaptureNode(Node):
 
     def __init__(self, name: str, backend: Backend, channel: FrameChannel,
                  controls: ControlView | None = None, encoder_defaults=None,
-                 budget: BufferBudget = UNLIMITED):
+                 budget: BufferBudget = UNLIMITED, daynight=None):
         """``encoder_defaults``: an impv4l2.config.EncoderDefaults (or None) for
-        the initial encoder control values; ``budget``: the buffer memory it may hold."""
+        the initial encoder control values; ``budget``: the buffer memory it may hold;
+        ``daynight``: an impv4l2.config.DayNightConfig (or None: defaults, no GPIOs)."""
         # This node's encoder binding: its own settings (not shared with other nodes).
         self.enc_channel: EncoderChannel | None = None
         self.codec = CodecSettings(encoder_defaults, CAPTURE_CODEC_CONTROLS,
                                    on_change=self._codec_setting_changed)
         self.codec_set = ControlSet(self.codec.controls())
-        super().__init__(name, controls or ControlView([isp_controls(backend), self.codec_set]),
-                         budget=budget)
+        self.features = features_mod.features_of(backend, daynight)
+        super().__init__(name, controls or ControlView([isp_controls(backend), *self.features.control_sets(),
+                                                        self.codec_set]), budget=budget)
+        if self.features.motion is not None:
+            self.event_types = CaptureNode.event_types | {abi.EventType.MOTION_DET}
+            self.features.motion.listeners.append(self._motion)
         self.backend = backend
         self.channel = channel
         self.role = channel.role
@@ -240,6 +256,20 @@ class CaptureNode(Node):
         self.enc_channel = None
         self.channel.stop()  # closes the encoder channel
         log.info("%s: stopped (%d frames, %d dropped)", self.name, self.sink.frames, self.sink.dropped)
+
+    def _motion(self, region_mask: int, timestamp_ns: int) -> None:
+        """Motion in a frame (backend thread): the event names this node's buffer of it."""
+        seq = next((q for t, q in self.sink.recent if t == timestamp_ns), None) \
+            if self.queue.streaming else None
+        self.post_event(motion_event(region_mask, seq))
+
+    def close(self) -> None:
+        f, self.features = self.features, None
+        if f is not None:
+            if f.motion is not None and self._motion in f.motion.listeners:
+                f.motion.listeners.remove(self._motion)
+            features_mod.release(f)
+        super().close()
 
     def closed(self, h: NodeHandle) -> None:
         fio = self.queue.fileio
@@ -422,7 +452,7 @@ class CaptureHandle(NodeHandle):
         # (a control panel polling for POLLPRI) is left alone.
         q = self.node.queue
         if q.owner is None and q.fileio is None and not q.buffers and q.streaming is False \
-                and not any(t == abi.EventType.CTRL for t, _ in self.events.subs):
+                and not any(t in (abi.EventType.CTRL, abi.EventType.MOTION_DET) for t, _ in self.events.subs):
             try:
                 FileIO(q, self, READBUFFERS)
             except OSError as ex:

@@ -8,10 +8,23 @@ node sees the union of its sets through a :class:`ControlView`, which adds
 the class controls and answers QUERYCTRL/QUERY_EXT_CTRL/QUERYMENU,
 G/S_CTRL and G/S/TRY_EXT_CTRLS.
 
-Driver-private control: **Day/Night** (``V4L2_CID_IMPV4L2_DAY_NIGHT`` =
-``V4L2_CID_USER_BASE + 0x1f00`` = 0x00982800), a menu 0 "Day" / 1 "Night"
-(night: IR mode, colour off).  Private user-class controls are also reachable
-the legacy way at ``V4L2_CID_PRIVATE_BASE + n`` (QUERYCTRL), as the kernel does.
+Driver-private controls (user class, ``V4L2_CID_USER_BASE + 0x1f00`` on):
+
+- **Day/Night** (``V4L2_CID_IMPV4L2_DAY_NIGHT`` = 0x00982800), a menu 0 "Day" /
+  1 "Night" (night: IR mode, colour off), plus 2 "Auto" where the backend has a
+  light meter (see :mod:`impv4l2.v4l2.daynight`);
+- **Day/Night State** (``V4L2_CID_IMPV4L2_DAY_NIGHT_STATE`` = 0x00982801), read-only
+  menu Day/Night: what the picture is now (changes, with V4L2_EVENT_CTRL, when Auto
+  switches).
+
+Private user-class controls are also reachable the legacy way at
+``V4L2_CID_PRIVATE_BASE + n`` (QUERYCTRL), as the kernel does.
+
+Array controls (``dims``: U8/U16/U32 elements, e.g. the motion detection grids)
+are served as the kernel serves them: QUERY_EXT_CTRL reports elem_size, elems,
+nr_of_dims and dims with HAS_PAYLOAD; they are compound for NEXT_CTRL/NEXT_COMPOUND
+enumeration; G/S_CTRL refuse them (EINVAL); G/S/TRY_EXT_CTRLS move the payload
+through ``ptr``/``size`` (ENOSPC with the needed size when a G buffer is short).
 """
 
 from __future__ import annotations
@@ -19,6 +32,8 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import errno
+import array
+import math
 import threading
 from typing import Callable, Iterable, Sequence
 
@@ -27,6 +42,12 @@ from . import abi
 
 CID = abi.CID
 CID_DAY_NIGHT = CID.USER_BASE + 0x1F00
+CID_DAY_NIGHT_STATE = CID.USER_BASE + 0x1F01
+
+# element size of array control types
+ELEM_SIZE = {abi.CtrlType.U8: 1, abi.CtrlType.U16: 2, abi.CtrlType.U32: 4}
+ELEM_CODE = {abi.CtrlType.U8: "B", abi.CtrlType.U16: "H", abi.CtrlType.U32: "I"}  # array module, native
+# (no numpy here: the t31 camera runtime has none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +81,7 @@ CLASS_NAMES = {
     abi.CtrlClass.CAMERA: "Camera Controls",
     abi.CtrlClass.CODEC: "Codec Controls",
     abi.CtrlClass.JPEG: "JPEG Compression Controls",
+    abi.CtrlClass.DETECT: "Detection Controls",
 }
 
 KIND_TYPE = {
@@ -93,8 +115,28 @@ class Control:
     default: int
     flags: int = 0
     menu: tuple[str | None, ...] = ()  # names by value; None = skipped item
-    get: Callable[[], int] = lambda: 0
+    get: Callable[[], int] = lambda: 0  # arrays: bytes of all elements
     set: Callable[[int], None] = lambda v: None
+    dims: tuple[int, ...] = ()  # array controls: up to 4 dimensions
+
+    @property
+    def is_array(self) -> bool:
+        return bool(self.dims)
+
+    @property
+    def elems(self) -> int:
+        return math.prod(self.dims) if self.dims else 1
+
+    @property
+    def elem_size(self) -> int:
+        return ELEM_SIZE.get(self.type, 4)
+
+    @property
+    def payload_size(self) -> int:
+        return self.elems * self.elem_size
+
+    def default_payload(self) -> bytes:
+        return array.array(ELEM_CODE[self.type], [self.default]).tobytes() * self.elems
 
     def menu_name(self, index: int) -> str | None:
         if self.type != abi.CtrlType.MENU or not (self.minimum <= index <= self.maximum):
@@ -106,6 +148,12 @@ class Control:
         integers round to the nearest step."""
         if self.type in (abi.CtrlType.BUTTON,):
             return 0
+        if self.is_array:
+            a = array.array(ELEM_CODE[self.type])
+            a.frombytes(bytes(value)[: self.payload_size])
+            if a and (min(a) < self.minimum or max(a) > self.maximum):
+                raise OSError(errno.ERANGE, f"{self.name}: element outside {self.minimum}..{self.maximum}")
+            return bytes(value)
         if not self.minimum <= value <= self.maximum:
             raise OSError(errno.ERANGE, f"{self.name}: {value} outside {self.minimum}..{self.maximum}")
         if self.type == abi.CtrlType.MENU and self.menu_name(value) is None:
@@ -144,16 +192,21 @@ class ControlSet:
             old = ctrl.get()
             ctrl.set(value)
         if old != value:
-            for fn in list(self._listeners):
-                fn(ctrl, value, origin)
+            self.notify(ctrl, value, origin)
+
+    def notify(self, ctrl: Control, value, origin: object = None) -> None:
+        """Tell the listeners a control's value changed (also a read-only one the
+        owner changed itself)."""
+        for fn in list(self._listeners):
+            fn(ctrl, value, origin)
 
 
-def isp_control_set(isp: Isp) -> ControlSet:
-    """V4L2 controls of an ISP: every spec with an entry in ISP_CONTROL_MAP."""
+def isp_control_set(isp: Isp, skip: Sequence[str] = ()) -> ControlSet:
+    """V4L2 controls of an ISP: every spec with an entry in ISP_CONTROL_MAP (but ``skip``)."""
     ctrls = []
     for spec in isp.controls:
         info = ISP_CONTROL_MAP.get(spec.name)
-        if info is None:
+        if info is None or spec.name in skip:
             continue
         ctrls.append(_from_spec(isp, spec, info))
     return ControlSet(ctrls)
@@ -227,11 +280,12 @@ class ControlView:
         flags = qid & (abi.CtrlFlag.NEXT_CTRL | abi.CtrlFlag.NEXT_COMPOUND)
         cid = qid & abi.CTRL_ID_MASK
         if flags:
-            # Only regular (non-compound) controls exist here.
-            if not flags & abi.CtrlFlag.NEXT_CTRL:
-                raise OSError(errno.EINVAL, "no compound controls")
+            # NEXT_CTRL alone: regular controls; NEXT_COMPOUND alone: compound (array)
+            # ones; both: all (the kernel's v4l2_query_ext_ctrl).
+            both = abi.CtrlFlag.NEXT_CTRL | abi.CtrlFlag.NEXT_COMPOUND
+            compound = None if flags == both else flags == abi.CtrlFlag.NEXT_COMPOUND
             for i in self.ids:
-                if i > cid:
+                if i > cid and (compound is None or self.by_id[i].is_array == compound):
                     return self.by_id[i], i
             raise OSError(errno.EINVAL, "no more controls")
         return self.find(cid), cid
@@ -245,13 +299,18 @@ class ControlView:
         q.id = rid
         q.type = c.type
         abi.set_str(q, "name", c.name)
-        q.minimum, q.maximum, q.step, q.default_value = c.minimum, c.maximum, c.step, c.default
-        q.flags = c.flags
+        if not c.is_array or isinstance(q, abi.v4l2_query_ext_ctrl):  # QUERYCTRL: 0 for arrays
+            q.minimum, q.maximum, q.step, q.default_value = c.minimum, c.maximum, c.step, c.default
+        q.flags = c.flags | (abi.CtrlFlag.HAS_PAYLOAD if c.is_array else 0)
 
     def query_ext_ctrl(self, q: abi.v4l2_query_ext_ctrl) -> None:
         self.queryctrl(q)
-        q.elem_size = 4
-        q.elems = 1
+        c = self.by_id[q.id] if q.id in self.by_id else self.find(q.id)
+        q.elem_size = c.elem_size
+        q.elems = c.elems
+        q.nr_of_dims = len(c.dims)
+        for i, d in enumerate(c.dims):
+            q.dims[i] = d
 
     def querymenu(self, q: abi.v4l2_querymenu) -> None:
         c = self.find(q.id)
@@ -265,12 +324,16 @@ class ControlView:
 
     def g_ctrl(self, s: abi.v4l2_control) -> None:
         c = self.find(s.id)
+        if c.is_array:
+            raise OSError(errno.EINVAL, f"{c.name} is an array: use G_EXT_CTRLS")
         if c.flags & abi.CtrlFlag.WRITE_ONLY or c.type == abi.CtrlType.CTRL_CLASS:
             raise OSError(errno.EACCES, f"{c.name} is write-only")
         s.value = c.get()
 
     def s_ctrl(self, s: abi.v4l2_control, origin: object) -> None:
         c = self.find(s.id)
+        if c.is_array:
+            raise OSError(errno.EINVAL, f"{c.name} is an array: use S_EXT_CTRLS")
         if c.flags & abi.CtrlFlag.READ_ONLY:
             raise OSError(errno.EACCES, f"{c.name} is read-only")
         value = c.check(s.value)
@@ -303,31 +366,52 @@ class ControlView:
             return OSError(code, msg)
 
         # Validation pass: nothing is applied unless every control is valid.
-        new: list[tuple[Control, int]] = []
+        new: list[tuple[Control, int | bytes]] = []
+        found: list[Control] = []
+        payloads: list[tuple[int, int]] = []  # (user address, bytes) of array controls
         for i, e in enumerate(arr):
             try:
                 c = self.find(e.id)
             except OSError as ex:
                 raise fail(i, ex.errno, ex.strerror) from None
+            found.append(c)
             if which and which != abi.CTRL_WHICH_DEF_VAL and id2class(c.id) != which:
                 raise fail(i, errno.EINVAL, f"{c.name} not in class 0x{which:08x}")
+            if c.is_array:
+                need = c.payload_size
+                if e.size < need:
+                    if kind == "get":  # the application asks the size this way
+                        e.size = need
+                        mem.write(addr, bytes(buf))
+                    raise fail(i, errno.ENOSPC, f"{c.name}: size {e.size} < {need}")
+                e.size = need
+                payloads.append((ctypes.cast(e.ptr, ctypes.c_void_p).value or 0, need))
             if kind == "get":
                 if c.flags & abi.CtrlFlag.WRITE_ONLY or c.type == abi.CtrlType.CTRL_CLASS:
                     raise fail(i, errno.EACCES, f"{c.name} is write-only")
                 continue
             if c.flags & abi.CtrlFlag.READ_ONLY:
                 raise fail(i, errno.EACCES, f"{c.name} is read-only")
-            try:
-                new.append((c, c.check(e.value)))
-            except OSError as ex:
-                raise fail(i, ex.errno, ex.strerror) from None
+        if payloads:
+            mem.require(**({"writes": payloads} if kind == "get" else {"reads": payloads}))
+        if kind != "get":
+            for i, (e, c) in enumerate(zip(arr, found)):
+                value = mem.read(*payloads.pop(0)) if c.is_array else e.value
+                try:
+                    new.append((c, c.check(value)))
+                except OSError as ex:
+                    raise fail(i, ex.errno, ex.strerror) from None
         if kind == "get":
-            for e in arr:
-                c = self.find(e.id)
-                e.value = c.default if which == abi.CTRL_WHICH_DEF_VAL else c.get()
+            for e, c in zip(arr, found):
+                if c.is_array:
+                    data = c.default_payload() if which == abi.CTRL_WHICH_DEF_VAL else c.get()
+                    mem.write(ctypes.cast(e.ptr, ctypes.c_void_p).value or 0, data)
+                else:
+                    e.value = c.default if which == abi.CTRL_WHICH_DEF_VAL else c.get()
         else:
             for e, (c, v) in zip(arr, new):
-                e.value = v
+                if not c.is_array:
+                    e.value = v
             if kind == "set":
                 for i, (c, v) in enumerate(new):
                     try:

@@ -2,7 +2,7 @@
 
 Which event types a node offers is data (``Node.event_types``); controls post
 V4L2_EVENT_CTRL through :meth:`EventQueue.post_ctrl`, a capture node posts
-SOURCE_CHANGE, the encoder EOS.
+SOURCE_CHANGE and MOTION_DET (:func:`motion_event`), the encoder EOS.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class EventQueue:
             if len(self._pending) >= MAX_PENDING:
                 self._pending.popleft()
             ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-            ev.timestamp.tv_sec, ev.timestamp.tv_nsec = divmod(ns, 1_000_000_000)
+            ev.timestamp.secs, ev.timestamp.nsecs = divmod(ns, 1_000_000_000)
             ev.sequence = self._sequence
             self._sequence += 1
             self._pending.append(ev)
@@ -94,12 +94,24 @@ def ctrl_event(ctrl, value: int, changes: int) -> abi.v4l2_event:
     c = ev.u.ctrl
     c.changes = changes
     c.type = ctrl.type
-    c.value = value
+    c.value = 0 if getattr(ctrl, "is_array", False) else value  # arrays: no value in the event
     c.flags = ctrl.flags
     c.minimum = ctrl.minimum
     c.maximum = ctrl.maximum
     c.step = ctrl.step
     c.default_value = ctrl.default
+    return ev
+
+
+def motion_event(region_mask: int, sequence: int | None) -> abi.v4l2_event:
+    """A V4L2_EVENT_MOTION_DET event; ``sequence`` None: no frame of the handle's stream."""
+    ev = abi.v4l2_event()
+    ev.type = abi.EventType.MOTION_DET
+    m = ev.u.motion_det
+    m.region_mask = region_mask
+    if sequence is not None:
+        m.flags = abi.EventType.MD_FL_HAVE_FRAME_SEQ
+        m.frame_sequence = sequence & 0xFFFFFFFF
     return ev
 
 

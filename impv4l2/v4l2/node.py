@@ -133,7 +133,7 @@ class Node:
     def post_event(self, ev: abi.v4l2_event) -> None:
         posted = False
         for h in list(self.handles):
-            posted |= h.events.post(ev)
+            posted |= h.events.post(type(ev).from_buffer_copy(ev))  # each queue stamps its own copy
         if posted:
             self.wake()
 

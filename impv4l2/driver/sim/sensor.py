@@ -18,6 +18,7 @@ Scenes:
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -44,38 +45,80 @@ class Scene(Protocol):
 
 
 class SyntheticScene:
-    """Colour bars + ramp + sliding box; per frame one copy and small draws."""
+    """Colour bars + ramp + sliding box; per frame one copy and small draws.
 
-    def __init__(self, fps: int) -> None:
+    ``moving``: the box slides (default) or stands where it is; ``light``: the
+    scene's illumination, 1.0 = well lit, lower darkens the picture (what the
+    sim's light meter reports for day/night).  Both may change at any time."""
+
+    def __init__(self, fps: int, moving: bool = True, light: float = 1.0) -> None:
         self.fps = fps
-        self._tuned: dict[tuple[int, int], tuple[int, np.ndarray]] = {}
+        self._tuned: dict[tuple[int, int], tuple[tuple[int, float], np.ndarray]] = {}
+        self.light = light
+        self._moving = moving
+        self._frozen_at = 0  # sensor frame the box stands at while not moving
+        self._offset = 0  # box phase: sensor frames spent standing still
+        self._last_frame = 0
+
+    @property
+    def moving(self) -> bool:
+        return self._moving
+
+    def set_moving(self, moving: bool) -> None:
+        """Start or stop the box; it resumes from where it stood."""
+        if moving == self._moving:
+            return
+        if moving:
+            self._offset += self._last_frame - self._frozen_at
+        else:
+            self._frozen_at = self._last_frame
+        self._moving = moving
+
+    def box_frame(self, sensor_frame: int) -> int:
+        """The frame number that places the box (constant while it stands)."""
+        return (sensor_frame - self._offset) if self._moving else (self._frozen_at - self._offset)
 
     def prepare(self, width: int, height: int, tuning: Tuning) -> np.ndarray:
         """The tuned static base for a size (built on first use, then cached)."""
+        key = (tuning.version, self.light)
         cached = self._tuned.get((width, height))
-        if cached is not None and cached[0] == tuning.version:
+        if cached is not None and cached[0] == key:
             return cached[1]
         base = pattern(width, height).base
         if not tuning.neutral:
             base = base.copy()
             tuning.apply(base, width, height)
-        self._tuned[(width, height)] = (tuning.version, base)
+        if key[1] < 1.0:
+            base = base.copy()
+            y = base[: width * height]
+            np.take(_dim_lut(key[1]), y, out=y)
+        self._tuned[(width, height)] = (key, base)
         return base
 
     def begin_frame(self, sensor_frame: int) -> None:
-        pass
+        self._last_frame = sensor_frame
 
     def render(self, frame: np.ndarray, width: int, height: int,
                sensor_frame: int, tuning: Tuning) -> None:
         pat = pattern(width, height)
         np.copyto(frame, self.prepare(width, height, tuning))
-        rect = pat.box_rect(sensor_frame, self.fps, tuning.hflip, tuning.vflip)
-        pat.draw_box(frame, rect, tuning.colour(BOX_YUV))
+        rect = pat.box_rect(self.box_frame(sensor_frame), self.fps, tuning.hflip, tuning.vflip)
+        y, u, v = tuning.colour(BOX_YUV)
+        if self.light < 1.0:
+            y = int(_dim_lut(self.light)[y])
+        pat.draw_box(frame, rect, (y, u, v))
         if tuning.band_lut is not None:
             tuning.band(frame[: width * height].reshape(height, width), sensor_frame)
 
     def close(self) -> None:
         self._tuned.clear()
+
+
+@functools.lru_cache(maxsize=8)
+def _dim_lut(light: float) -> np.ndarray:
+    """Luma under ``light`` (0..1) of the reference illumination (limited range)."""
+    x = 16 + (np.arange(256) - 16) * max(0.0, light)
+    return np.clip(x, 0, 255).round().astype(np.uint8)
 
 
 class FileScene:
@@ -142,6 +185,7 @@ class SensorClock:
         self.scene = scene
         self._tuning = tuning
         self._listeners: list[Callable[[int, int, Tuning], None]] = []
+        self._late: set[Callable[[int, int, Tuning], None]] = set()
         self._cond = threading.Condition()
         self._wake = threading.Event()
         self._closed = False
@@ -150,15 +194,23 @@ class SensorClock:
         self._thread = threading.Thread(target=self._run, name="impv4l2-sim-sensor", daemon=True)
         self._thread.start()
 
-    def add(self, listener: Callable[[int, int, Tuning], None]) -> None:
+    def add(self, listener: Callable[[int, int, Tuning], None], late: bool = False) -> None:
+        """Call ``listener`` every tick; ``late`` ones (analysis) run after every channel's
+        delivery of the same frame."""
         with self._cond:
-            self._listeners.append(listener)
+            if late:
+                self._late.add(listener)
+                self._listeners.append(listener)
+            else:
+                i = next((k for k, f in enumerate(self._listeners) if f in self._late), len(self._listeners))
+                self._listeners.insert(i, listener)
             self._cond.notify_all()
 
     def remove(self, listener: Callable[[int, int, Tuning], None]) -> None:
         with self._cond:
             if listener in self._listeners:
                 self._listeners.remove(listener)
+            self._late.discard(listener)
 
     def close(self) -> None:
         with self._cond:
