@@ -409,6 +409,39 @@ def test_private_ioctl_answered_by_a_served_node_only_with_a_server(fuse_capture
         assert protocol.unpack_info(arg[protocol.MMAP_REQ.size:])["node"] == "video77"
 
 
+REQBUFS_CLIENT = r"""
+import fcntl, os, sys
+from linuxpy.video import raw
+from impv4l2.v4l2 import abi
+null = os.open("/dev/null", os.O_RDWR)  # the fake node's "CUSE device", held beside the FUSE file
+fd = os.open(sys.argv[1], os.O_RDWR)
+rb = raw.v4l2_requestbuffers(count=4, type=raw.BufType.VIDEO_CAPTURE, memory=raw.Memory.MMAP)
+fcntl.ioctl(fd, abi.VIDIOC["REQBUFS"], rb)
+print("buffers", rb.count)
+"""
+
+
+def test_reqbufs_on_the_fuse_file_with_a_shim_server_answers(fuse_capture_node, caplog):
+    """REQBUFS(MMAP) runs the `impv4l2 run` hint on the FUSE loop thread; the hint looks
+    through the client's fds for the CUSE node, and a stat() of the client's FUSE file was a
+    GETATTR to that very thread: the client hung unkillably in fuse_do_ioctl (VM, 6.1)."""
+    node, path = fuse_capture_node
+    with server.ShimServer(f"@impv4l2-shim-test-{os.getpid()}") as srv, \
+            caplog.at_level(logging.WARNING, "impv4l2.shim"):
+        srv.attach(node, rdev=os.stat("/dev/null").st_rdev)
+        p = subprocess.Popen([sys.executable, "-c", REQBUFS_CLIENT, path], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=Path(shim.__file__).parents[2])
+        try:
+            out, err = p.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()  # it dies once the fixture's unmount aborts the connection
+            pytest.fail("REQBUFS on the FUSE file got no answer: the FUSE loop deadlocked in the hint")
+        assert p.returncode == 0 and out.split() == ["buffers", "4"], err
+        # the char device beside the FUSE file is still found: one hint for this pid
+        assert sum(f"pid {p.pid} " in r.getMessage() for r in caplog.records) == 1, caplog.text
+
+
 def test_run_command_preloads_the_shim_and_keeps_ld_preload(tmp_path):
     other = tmp_path / "libother.so"
     subprocess.run([CC, "-shared", "-fPIC", "-o", str(other), "-x", "c", "-"], input="int other_x;", text=True, check=True)

@@ -86,7 +86,7 @@ class ShimServer:
         except (OSError, ValueError):
             pass
         try:
-            st = os.stat(f"/dev/{name}")
+            st = os.lstat(f"/dev/{name}")  # never follow a link into our own mount (self-deadlock)
         except OSError:
             return None
         return st.st_rdev if stat.S_ISCHR(st.st_mode) else None
@@ -267,7 +267,12 @@ def peercred(conn: socket.socket) -> tuple[int, int, int]:
 
 def open_access(pid: int, rdev: int) -> int | None:
     """The widest access mode (os.O_RDONLY/O_WRONLY/O_RDWR) with which process
-    ``pid`` holds the character device ``rdev`` open; None if it does not."""
+    ``pid`` holds the character device ``rdev`` open; None if it does not.
+
+    Files on FUSE mounts are never stat()ed: stat follows /proc/PID/fd/N into the
+    file's filesystem, and for a file of our own mount that is a FUSE_GETATTR to
+    the loop thread that is calling us (REQBUFS on the FUSE file: a deadlock that
+    no signal ends).  A CUSE node is a device file, never a file of a FUSE mount."""
     best: int | None = None
     rank = {os.O_RDONLY: 1, os.O_WRONLY: 0, os.O_RDWR: 2}
     base = f"/proc/{pid}/fd"
@@ -275,22 +280,43 @@ def open_access(pid: int, rdev: int) -> int | None:
         fds = os.listdir(base)
     except OSError:
         return None
+    fuse_mounts: set[str] | None = None
     for fd in fds:
+        try:  # fdinfo is procfs only: it never reaches the file's filesystem
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                info = {k: v.strip() for k, _, v in (line.partition(":") for line in f)}
+            flags = int(info["flags"], 8)
+        except (OSError, KeyError, ValueError):
+            continue
+        if fuse_mounts is None:
+            fuse_mounts = _fuse_mount_ids(pid)
+        if info.get("mnt_id") in fuse_mounts:
+            continue
         try:
             st = os.stat(f"{base}/{fd}")
         except OSError:
             continue
         if not stat.S_ISCHR(st.st_mode) or st.st_rdev != rdev:
             continue
-        try:
-            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                flags = next(int(line.split()[1], 8) for line in f if line.startswith("flags:"))
-        except (OSError, StopIteration, ValueError):
-            continue
         acc = flags & os.O_ACCMODE
         if best is None or rank.get(acc, 0) > rank.get(best, 0):
             best = acc
     return best
+
+
+def _fuse_mount_ids(pid: int) -> set[str]:
+    """Mount ids (as /proc/PID/fdinfo prints them) of the FUSE filesystems ``pid`` sees."""
+    try:
+        with open(f"/proc/{pid}/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return set()
+    out = set()
+    for line in lines:
+        fields, sep, rest = line.partition(" - ")
+        if sep and rest.split(" ", 1)[0].split(".", 1)[0] in ("fuse", "fuseblk"):
+            out.add(fields.split(" ", 1)[0])
+    return out
 
 
 def shim_loaded(pid: int) -> bool | None:
