@@ -1,4 +1,4 @@
-"""Command line: ``impv4l2 serve``, ``impv4l2 list``."""
+"""Command line: ``impv4l2 serve``, ``impv4l2 list``, ``impv4l2 uvc``."""
 
 from __future__ import annotations
 
@@ -200,6 +200,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 127
 
 
+def cmd_uvc(args: argparse.Namespace) -> int:
+    """Be a USB webcam: a UVC gadget fed from one node of the running daemon."""
+    from .uvc.app import main as uvc_main
+
+    mount = args.mount
+    if mount is None:
+        try:
+            mount = config_mod.load(args.config).transport.mount
+        except config_mod.ConfigError as e:
+            log.error("config: %s", e)
+            return 2
+    return uvc_main(args.node, args.udc, args.loopback, mount)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="impv4l2", description="Userspace V4L2 driver for Ingenic T31 cameras.")
     p.add_argument("--version", action="version", version=f"impv4l2 {__version__}")
@@ -243,6 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     ls.add_argument("--mount", help="FUSE mount point to look in")
     ls.set_defaults(func=cmd_list)
+
+    w = sub.add_parser("uvc", help="be a USB webcam: a UVC gadget (configfs) fed from a node of the driver",
+                       description="Build a configfs UVC gadget from a capture node's formats, bind it to a "
+                       "USB device controller and answer the host; undone at exit (SIGTERM/SIGINT).")
+    w.add_argument("--node", default="main", help="main, sub, or the path of a node (default main)")
+    w.add_argument("--udc", help="USB device controller (default: the only one; usbip-vudc.0 with --loopback)")
+    w.add_argument("--loopback", action="store_true",
+                   help="attach the gadget to this machine over USB/IP (usbip-vudc + vhci-hcd + usbipd)")
+    w.add_argument("--mount", help="FUSE mount of the driver, to find --node main/sub")
+    w.set_defaults(func=cmd_uvc)
 
     r = sub.add_parser("run", help="run a command with the mmap shim for CUSE nodes (LD_PRELOAD)")
     r.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
