@@ -82,7 +82,9 @@ def test_ffmpeg_main_nv12_and_sub_h264_at_once(main_set, record_property):
 @pytest.mark.parametrize("role", ["main", "sub"])
 def test_v4l2_compliance_through_the_shim(main_set, role, record_property):
     n = verdict(main_set, f"compliance_{role}", record_property)
-    assert n["failed"] == 0 and n["total"] > 40
+    # the one failure allowed is the time32/64 event test's 10 ms bound, which TCG's slow CUSE
+    # round trips exceed (tests/mips/guest.py TCG_TIMING_FAIL; the x86 VM runs it unexcused)
+    assert n["failed"] == n["tcg_event_timing_failures"] <= 1 and n["total"] > 40
 
 
 def test_sigterm_exits_clean(main_set, record_property):
