@@ -158,14 +158,21 @@ def list_nodes(mount: str) -> list[dict]:
     return nodes
 
 
+def _mount_of(args: argparse.Namespace) -> str | None:
+    """--mount, else the configuration's transport.mount; None (logged) on a bad configuration."""
+    if args.mount is not None:
+        return args.mount
+    try:
+        return config_mod.load(args.config).transport.mount
+    except config_mod.ConfigError as e:
+        log.error("config: %s", e)
+        return None
+
+
 def cmd_list(args: argparse.Namespace) -> int:
-    mount = args.mount
+    mount = _mount_of(args)
     if mount is None:
-        try:
-            mount = config_mod.load(args.config).transport.mount
-        except config_mod.ConfigError as e:
-            log.error("config: %s", e)
-            return 2
+        return 2
     nodes = list_nodes(mount)
     if args.json:
         json.dump(nodes, sys.stdout, indent=2)
@@ -204,13 +211,9 @@ def cmd_uvc(args: argparse.Namespace) -> int:
     """Be a USB webcam: a UVC gadget fed from one node of the running daemon."""
     from .uvc.app import main as uvc_main
 
-    mount = args.mount
+    mount = _mount_of(args)
     if mount is None:
-        try:
-            mount = config_mod.load(args.config).transport.mount
-        except config_mod.ConfigError as e:
-            log.error("config: %s", e)
-            return 2
+        return 2
     return uvc_main(args.node, args.udc, args.loopback, mount)
 
 

@@ -12,13 +12,27 @@ import ctypes
 import logging
 import threading
 import time
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+
+if TYPE_CHECKING:
+    from ..base import FrameSink
+    from .libimp import LibImp
 
 log = logging.getLogger("impv4l2.t31")
 
-__all__ = ["Capture", "Step", "dest", "run_steps", "undo_all"]
+__all__ = ["Capture", "ChannelHost", "Step", "dest", "run_steps", "undo_all"]
 
 Step = tuple[str, Callable[[], "int | None"]]  # (name for the log, call returning the IMP result)
+
+
+class ChannelHost(Protocol):
+    """What a raw or stream capture needs of its frame channel."""
+
+    lib: "LibImp"
+    index: int
+
+    def to_monotonic_ns(self, imp_us: int) -> int: ...
+    def deliver_error(self, sink: "FrameSink | None", seq: int) -> None: ...
 
 
 def undo_all(undo: list[Step], what: str) -> None:

@@ -16,8 +16,7 @@ from typing import Protocol
 
 from ..base import FrameInfo, FrameSink
 from . import structs as st
-from .capture import Capture, dest
-from .libimp import LibImp
+from .capture import Capture, ChannelHost, dest
 
 log = logging.getLogger("impv4l2.t31")
 S = st.native
@@ -27,15 +26,10 @@ __all__ = ["NV12_UV_ALIGN", "RawCapture", "RawHost"]
 NV12_UV_ALIGN = 16
 
 
-class RawHost(Protocol):
+class RawHost(ChannelHost, Protocol):
     """What a raw capture needs of its frame channel."""
 
-    lib: LibImp
-    index: int
     frame_cls: type  # the release's IMPFrameInfo
-
-    def to_monotonic_ns(self, imp_us: int) -> int: ...
-    def deliver_error(self, sink: FrameSink | None, seq: int) -> None: ...
 
 
 class RawCapture:

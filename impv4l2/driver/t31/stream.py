@@ -16,7 +16,7 @@ from typing import Protocol
 from ..base import (Codec, EncodedFrame, EncoderChannel, EncoderParams, FrameInfo, FrameSink, Profile,
                     RcMode)
 from . import structs as st
-from .capture import Capture, dest
+from .capture import Capture, ChannelHost, dest
 from .libimp import LibImp, T31Error
 
 log = logging.getLogger("impv4l2.t31")
@@ -42,15 +42,11 @@ KEY_PACKS: dict[Codec, tuple[str, frozenset[int], int]] = {
 }
 
 
-class StreamHost(Protocol):
+class StreamHost(ChannelHost, Protocol):
     """What a stream channel needs of the frame channel it is bound to."""
 
-    lib: LibImp
-    index: int
     stream_cls: type  # the release's IMPEncoderStream
 
-    def to_monotonic_ns(self, imp_us: int) -> int: ...
-    def deliver_error(self, sink: FrameSink | None, seq: int) -> None: ...
     def close_stream(self, sc: "T31StreamChannel") -> None: ...
 
 
