@@ -275,10 +275,9 @@ class Daemon:
         if self.mount is not None:
             steps += [(f"FUSE file {d.name}", lambda d=d: self.mount.remove(d.name))
                       for d in self.nodes.values()]
-        steps += [(f"node {d.name}", d.close) for d in self.nodes.values() if hasattr(d, "close")]
+        steps += [(f"node {d.name}", d.close) for d in self.nodes.values()]
         # The buffer memory goes with the node (a memfd per node per hot-plug cycle otherwise).
-        steps += [(f"memory of {d.name}", d.memory.close) for d in self.nodes.values()
-                  if getattr(d, "memory", None) is not None and hasattr(d.memory, "close")]
+        steps += [(f"memory of {d.name}", d.memory.close) for d in self.nodes.values() if d.memory is not None]
         if self.backend is not None:
             steps.append((f"backend {self.cfg.backend}", self.backend.close))
         for what, step in steps:

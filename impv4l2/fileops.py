@@ -113,6 +113,20 @@ class SharedMemory(Protocol):
         fetch has landed; spurious calls are possible).
         """
 
+    def add_sync_hooks(self, to_client: Callable[[int, int], None] | None = None,
+                       from_client: Callable[..., bool] | None = None) -> None:
+        """A transport that serves copies of this memory (a FUSE mount in cached or
+        direct-io mode) registers how it pushes filled regions to its clients
+        (``to_client(offset, length)``) and fetches what they wrote
+        (``from_client(offset, length, done) -> bool``, as :meth:`sync_from_client`)."""
+
+    def remove_sync_hooks(self, to_client: Callable[[int, int], None] | None = None,
+                          from_client: Callable[..., bool] | None = None) -> None:
+        """Forget hooks given to :meth:`add_sync_hooks` (the transport stops serving)."""
+
+    def close(self) -> None:
+        """Free the memory (the device's owner, once every transport has let go)."""
+
 
 class Handle(Protocol):
     """One open file description of a device."""
@@ -156,6 +170,10 @@ class Device(Protocol):
 
     def remove_waker(self, wake: Callable[[], None]) -> None:
         """Forget a callback given to :meth:`add_waker` (transport stops serving)."""
+
+    def close(self) -> None:
+        """Tear the device down (daemon shutdown, hardware gone): after every transport
+        has stopped serving it; open handles are released."""
 
 
 class Wakers:

@@ -272,9 +272,9 @@ def test_handover_of_a_node_without_memory(fake_node):
 
 def test_filesystem_socket_is_removed_on_stop(tmp_path):
     path = tmp_path / "shim.sock"
-    with server.ShimServer(str(path)) as srv:
-        assert path.exists() and server.active_server() is srv
-    assert not path.exists() and server.active_server() is None
+    with server.ShimServer(str(path)):
+        assert path.exists()
+    assert not path.exists()
 
 
 # ---------------------------------------------------------------- ioctl
@@ -282,21 +282,37 @@ def test_filesystem_socket_is_removed_on_stop(tmp_path):
 def test_info_ioctl_describes_node_memory_and_socket(fake_node):
     srv, node = fake_node
     arg = bytearray(protocol.INFO.size)
-    assert server.shim_info_ioctl("fake0", arg) == 0
+    assert srv.info_ioctl("fake0", arg) == 0
     info = protocol.unpack_info(arg)
     assert info == {"magic": protocol.MAGIC, "version": protocol.VERSION, "flags": 0, "memory_size": 3 * mmap.PAGESIZE,
                     "memory_id": os.fstat(node.memory.fd).st_ino, "daemon_pid": os.getpid(),
                     "node": "fake0", "socket": srv.address}
     with pytest.raises(OSError) as e:
-        server.shim_info_ioctl("other", bytearray(protocol.INFO.size))
+        srv.info_ioctl("other", bytearray(protocol.INFO.size))
     assert e.value.errno == errno.ENOTTY
 
 
 def test_info_ioctl_without_server_is_enotty():
-    assert server.active_server() is None
+    """A node no shim server serves answers ENOTTY (the shim then leaves mmap alone);
+    a stopped server answers ENOTTY too."""
+    from impv4l2.v4l2 import node as node_mod
+
+    class Probe(node_mod.NodeHandle):
+        def __init__(self):
+            self.node = types.SimpleNamespace(name="video10", shim=None)
+
     with pytest.raises(OSError) as e:
-        server.shim_info_ioctl("video10", bytearray(protocol.INFO.size))
+        Probe().vidioc_impv4l2_shim_info(bytearray(protocol.INFO.size), None)
     assert e.value.errno == errno.ENOTTY
+    srv = server.ShimServer(f"@impv4l2-shim-test-stopped-{os.getpid()}")
+    dev = types.SimpleNamespace(name="video10", memory=None)
+    srv.attach(dev)
+    assert dev.shim is srv
+    with pytest.raises(OSError) as e:
+        srv.info_ioctl("video10", bytearray(protocol.INFO.size))
+    assert e.value.errno == errno.ENOTTY
+    srv.unregister("video10")
+    assert dev.shim is None
 
 
 def test_ioctl_numbers_are_private_v4l2_ioctls():
@@ -331,7 +347,7 @@ def test_hint_once_for_cuse_clients_without_the_shim_only(fake_node, lib, caplog
         with caplog.at_level(logging.WARNING, "impv4l2.shim"):
             for _ in range(3):
                 for p in procs:
-                    server.note_mmap_client("fake0", p.pid)
+                    srv.note_mmap_client("fake0", p.pid)
             assert _wait_for(lambda: "impv4l2 run" in caplog.text)
             time.sleep(0.3)  # let the worker go through the queued rest
         hints = [r.getMessage() for r in caplog.records if "impv4l2 run" in r.getMessage()]

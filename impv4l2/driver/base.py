@@ -203,6 +203,19 @@ class EncodedFrame:
         return sum(len(n) for n in self.nals)
 
 
+class OutputTooSmall(ValueError):
+    """encode_into(): the access unit does not fit the destination buffer.
+
+    The access unit is dropped and the next frame is forced to be an IDR so
+    the stream stays decodable.
+    """
+
+    def __init__(self, needed: int, available: int):
+        super().__init__(f"access unit needs {needed} bytes, buffer has {available}")
+        self.needed = needed
+        self.available = available
+
+
 class EncoderChannel(abc.ABC):
     """One AVPU channel.  Zero latency: a frame in, its access unit out."""
 
@@ -210,6 +223,22 @@ class EncoderChannel(abc.ABC):
 
     @abc.abstractmethod
     def encode(self, nv12: memoryview, timestamp_ns: int) -> EncodedFrame: ...
+
+    def encode_into(self, nv12: memoryview, timestamp_ns: int, out: memoryview) -> tuple[int, bool]:
+        """Encode one frame into ``out``: (bytesused, keyframe), or
+        :class:`OutputTooSmall` (the frame is lost, the next is an IDR).  This default
+        copies :meth:`encode`'s NAL units; an AVPU that can write the client's buffer
+        directly overrides it."""
+        au = self.encode(nv12, timestamp_ns)
+        out = memoryview(out).cast("B")
+        if au.size > len(out):
+            self.request_idr()
+            raise OutputTooSmall(au.size, len(out))
+        pos = 0
+        for nal in au.nals:
+            out[pos:pos + len(nal)] = nal
+            pos += len(nal)
+        return pos, au.keyframe
 
     @abc.abstractmethod
     def request_idr(self) -> None: ...

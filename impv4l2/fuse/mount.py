@@ -215,7 +215,7 @@ class FuseMount(Server):
         self._detach_waker(node)
         if node.hooks:
             mem = node.device.memory
-            if mem is not None and hasattr(mem, "remove_sync_hooks"):
+            if mem is not None:
                 mem.remove_sync_hooks(*node.hooks)
             node.hooks = None
         if node.backing_id and self._fd >= 0:
@@ -231,7 +231,7 @@ class FuseMount(Server):
         if self.mmap_mode == "passthrough" or node.hooks or not self._init_done.is_set():
             return
         mem = node.device.memory
-        if mem is None or not hasattr(mem, "add_sync_hooks"):
+        if mem is None:
             return
         node.hooks = (lambda off, n: self._sync_to(node, off, n),
                       lambda off, n, done=None: self._sync_from(node, off, n, done))

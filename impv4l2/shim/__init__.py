@@ -19,10 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .protocol import VIDIOC_IMPV4L2_SHIM_INFO, VIDIOC_IMPV4L2_SHIM_MMAP
-from .server import ShimServer, active_server, note_mmap_client, shim_info_ioctl, shim_mmap_ioctl
+from .server import ShimServer
 
 __all__ = ["SOURCE", "LIBNAME", "VIDIOC_IMPV4L2_SHIM_INFO", "VIDIOC_IMPV4L2_SHIM_MMAP", "ShimServer",
-           "active_server", "note_mmap_client", "shim_info_ioctl", "shim_mmap_ioctl", "build", "ensure_library", "find_library",
+           "build", "ensure_library", "find_library",
            "default_library_path", "bundled_library_path", "preload_env"]
 
 SOURCE = Path(__file__).with_name("impv4l2_preload.c")

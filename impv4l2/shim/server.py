@@ -1,10 +1,10 @@
 """Daemon side of the preload shim: the SHIM_INFO ioctl and the memfd handover.
 
 A client running under ``libimpv4l2-preload.so`` that mmaps a CUSE node asks
-the node (``VIDIOC_IMPV4L2_SHIM_INFO``, answered by :func:`shim_info_ioctl`)
-where its memory is, asks on every mmap whether that mapping is allowed
-(``VIDIOC_IMPV4L2_SHIM_MMAP``, :func:`shim_mmap_ioctl`: the device model's
-vb2_mmap checks for that open file), connects to the :class:`ShimServer` socket and receives
+the node (``VIDIOC_IMPV4L2_SHIM_INFO``, answered by :meth:`ShimServer.info_ioctl`
+through the server the daemon handed the node) where its memory is, asks on
+every mmap whether that mapping is allowed (``VIDIOC_IMPV4L2_SHIM_MMAP``,
+:meth:`ShimServer.mmap_ioctl`: the device model's vb2_mmap checks for that open file), connects to the :class:`ShimServer` socket and receives
 the node's memfd with SCM_RIGHTS — only if SO_PEERCRED says the connecting
 process really has that node open (read-only holders get a read-only fd).
 """
@@ -21,7 +21,6 @@ import threading
 from typing import Any, Callable, Protocol
 
 from . import protocol
-from .protocol import VIDIOC_IMPV4L2_SHIM_INFO, VIDIOC_IMPV4L2_SHIM_MMAP  # noqa: F401  (for the dispatch table)
 
 log = logging.getLogger("impv4l2.shim")
 
@@ -64,13 +63,16 @@ class ShimServer:
             self._nodes[device.name] = (device, rdev)
 
     def attach(self, device: _MemoryOwner, rdev: int | None = None) -> None:
-        """:meth:`register` a node (its handles answer VIDIOC_IMPV4L2_SHIM_INFO
-        through the device model's ioctl table, impv4l2.v4l2.node)."""
+        """:meth:`register` a node and hand it this server as ``device.shim``: its
+        handles answer the shim's private ioctls through it (impv4l2.v4l2.node)."""
         self.register(device, rdev)
+        device.shim = self
 
     def unregister(self, name: str) -> None:
         with self._lock:
-            self._nodes.pop(name, None)
+            entry = self._nodes.pop(name, None)
+        if entry is not None and getattr(entry[0], "shim", None) is self:
+            entry[0].shim = None
 
     def _node(self, name: str) -> tuple[_MemoryOwner, int | None] | None:
         with self._lock:
@@ -105,10 +107,19 @@ class ShimServer:
             node_name, self.address, size, mem_id, os.getpid())
         return 0
 
+    def mmap_ioctl(self, node_name: str, arg: "ShimMmapArg", check: Callable[[int, int, int], int]) -> int:
+        """VIDIOC_IMPV4L2_SHIM_MMAP: ``check(offset, length, prot)`` is the calling
+        file's verdict on that mmap (0 or an errno, as vb2_mmap).
+
+        The verdict goes into ``arg.error`` (the ioctl itself succeeds, so the shim
+        tells "refused" from "not answered"); ``arg.info`` gets the SHIM_INFO answer."""
+        self.info_ioctl(node_name, arg.info)
+        arg.error = check(arg.offset, arg.length, arg.prot)
+        return 0
+
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        """Bind the socket and serve it from a thread; become the active server."""
-        global _active
+        """Bind the socket and serve it from a thread."""
         s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         addr = protocol.socket_address(self.address)
         if isinstance(addr, str):
@@ -123,13 +134,9 @@ class ShimServer:
         self._sock = s
         self._thread = threading.Thread(target=self._accept_loop, name="impv4l2-shim", daemon=True)
         self._thread.start()
-        _active = self
         log.info("shim socket %s", self.address)
 
     def stop(self) -> None:
-        global _active
-        if _active is self:
-            _active = None
         s, self._sock = self._sock, None
         if s is not None:
             try:
@@ -336,32 +343,7 @@ def _comm(pid: int) -> str:
         return "?"
 
 
-# ---------------------------------------------------------------- module API
-
-_active: ShimServer | None = None
-
-
-def active_server() -> ShimServer | None:
-    return _active
-
-
-def shim_info_ioctl(node_name: str, arg: bytearray) -> int:
-    """Handler of VIDIOC_IMPV4L2_SHIM_INFO for the device model's dispatch table.
-
-    ENOTTY when no shim server runs: the shim then leaves mmap alone."""
-    srv = _active
-    if srv is None:
-        raise OSError(errno.ENOTTY, f"{node_name}: no shim server")
-    return srv.info_ioctl(node_name, arg)
-
-
-def note_mmap_client(node_name: str, pid: int) -> None:
-    """Call on REQBUFS(MMAP, count > 0) (any transport; never blocks): logs the
-    `impv4l2 run` hint once per pid that holds the CUSE node without the shim."""
-    srv = _active
-    if srv is not None:
-        srv.note_mmap_client(node_name, pid)
-
+# ---------------------------------------------------------------- ioctl arguments
 
 # The argument of VIDIOC_IMPV4L2_SHIM_INFO in the device model's dispatch table.
 SHIM_INFO_STRUCT = ctypes.c_uint8 * protocol.INFO.size
@@ -376,17 +358,3 @@ class ShimMmapArg(ctypes.Structure):
 
 SHIM_MMAP_STRUCT = ShimMmapArg
 assert ctypes.sizeof(ShimMmapArg) == protocol.MMAP_SIZE
-
-
-def shim_mmap_ioctl(node_name: str, arg: ShimMmapArg, check: Callable[[int, int, int], int]) -> int:
-    """Handler of VIDIOC_IMPV4L2_SHIM_MMAP: ``check(offset, length, prot)`` is
-    the calling file's verdict on that mmap (0 or an errno, as vb2_mmap).
-
-    The verdict goes into ``arg.error`` (the ioctl itself succeeds, so the shim
-    tells "refused" from "not answered"); ``arg.info`` gets the SHIM_INFO
-    answer.  ENOTTY when no shim server runs, as SHIM_INFO."""
-    shim_info_ioctl(node_name, arg.info)
-    arg.error = check(arg.offset, arg.length, arg.prot)
-    return 0
-
-

@@ -185,6 +185,7 @@ class CaptureNode(Node):
         self.width, self.height, self.fps = mode.width, mode.height, mode.fps
         self.queue = BufferQueue(name, CAP, self.memory, log, budget=self.budget)
         self.queues[CAP] = self.queue
+        self.buf_types = frozenset({CAP})
         self.queue.on_start = self._start
         self.queue.on_stop = self._stop
         self.queue.wake = self.wake  # every transport's waker, not one captured now
@@ -293,45 +294,31 @@ class CaptureHandle(NodeHandle):
     """An open file of a capture node."""
 
     node: CaptureNode
-    table = NodeHandle.table.copy()
-
-    def _check_type(self, t: int) -> None:
-        if t != CAP:
-            raise OSError(errno.EINVAL, f"buffer type {t} is not VIDEO_CAPTURE")
 
     # inputs
-    @table.ioctl("ENUMINPUT", abi.v4l2_input)
-    def _enuminput(self, s, mem):
+    def vidioc_enuminput(self, s, mem):
         if s.index != 0:
             raise OSError(errno.EINVAL, f"no input {s.index}")
-        abi.zero(s)
         abi.set_str(s, "name", "Camera")
         s.type = abi.raw.InputType.CAMERA
 
-    @table.ioctl("G_INPUT", abi.c_int)
-    def _g_input(self, s, mem):
+    def vidioc_g_input(self, s, mem):
         s.value = 0
 
-    @table.ioctl("S_INPUT", abi.c_int, prio=True)
-    def _s_input(self, s, mem):
+    def vidioc_s_input(self, s, mem):
         if s.value != 0:
             raise OSError(errno.EINVAL, f"no input {s.value}")
 
     # formats
-    @table.ioctl("ENUM_FMT", abi.v4l2_fmtdesc)
-    def _enum_fmt(self, s, mem):
-        self._check_type(s.type)
+    def vidioc_enum_fmt(self, s, mem):
         formats = self.node.formats
         if s.index >= len(formats):
             raise OSError(errno.EINVAL, "no more formats")
         f = formats[s.index]
-        index = s.index
-        abi.zero(s)
-        s.index, s.type, s.flags, s.pixelformat = index, CAP, f.flags, f.fourcc
+        s.flags, s.pixelformat = f.flags, f.fourcc
         abi.set_str(s, "description", f.description)
 
     def _try(self, s: abi.v4l2_format) -> tuple[PixFormat, int, int]:
-        self._check_type(s.type)
         n = self.node
         pix = s.fmt.pix
         f = n.find_format(pix.pixelformat) or n.formats[0]
@@ -339,18 +326,14 @@ class CaptureHandle(NodeHandle):
         fill_pix(pix, f, w, h)
         return f, w, h
 
-    @table.ioctl("G_FMT", abi.v4l2_format)
-    def _g_fmt(self, s, mem):
-        self._check_type(s.type)
+    def vidioc_g_fmt(self, s, mem):
         n = self.node
         fill_pix(s.fmt.pix, n.fmt, n.width, n.height)
 
-    @table.ioctl("TRY_FMT", abi.v4l2_format)
-    def _try_fmt(self, s, mem):
+    def vidioc_try_fmt(self, s, mem):
         self._try(s)
 
-    @table.ioctl("S_FMT", abi.v4l2_format, prio=True)
-    def _s_fmt(self, s, mem):
+    def vidioc_s_fmt(self, s, mem):
         f, w, h = self._try(s)
         n = self.node
         if (f, w, h) == (n.fmt, n.width, n.height):
@@ -361,7 +344,6 @@ class CaptureHandle(NodeHandle):
         n._update_sizes()
 
     def create_bufs_sizes(self, q, fmt):
-        self._check_type(fmt.type)
         pix = fmt.fmt.pix
         n = self.node
         need = n.fmt.layout(n.width, n.height)[1]
@@ -369,21 +351,17 @@ class CaptureHandle(NodeHandle):
             raise OSError(errno.EINVAL, f"sizeimage {pix.sizeimage} < {need}")
         return [pix.sizeimage]
 
-    @table.ioctl("ENUM_FRAMESIZES", abi.v4l2_frmsizeenum)
-    def _enum_framesizes(self, s, mem):
+    def vidioc_enum_framesizes(self, s, mem):
         n = self.node
         if n.find_format(s.pixel_format) is None:
             raise OSError(errno.EINVAL, "unknown pixel format")
         sizes = n.channel.sizes()
         if s.index >= len(sizes):
             raise OSError(errno.EINVAL, "no more sizes")
-        index, pf = s.index, s.pixel_format
-        abi.zero(s)
-        s.index, s.pixel_format, s.type = index, pf, abi.raw.Frmsizetypes.DISCRETE
-        s.discrete.width, s.discrete.height = sizes[index]
+        s.type = abi.raw.Frmsizetypes.DISCRETE
+        s.discrete.width, s.discrete.height = sizes[s.index]
 
-    @table.ioctl("ENUM_FRAMEINTERVALS", abi.v4l2_frmivalenum)
-    def _enum_frameintervals(self, s, mem):
+    def vidioc_enum_frameintervals(self, s, mem):
         n = self.node
         if n.find_format(s.pixel_format) is None:
             raise OSError(errno.EINVAL, "unknown pixel format")
@@ -392,11 +370,8 @@ class CaptureHandle(NodeHandle):
         rates = n.channel.frame_rates()
         if s.index >= len(rates):
             raise OSError(errno.EINVAL, "no more intervals")
-        index, pf, w, h = s.index, s.pixel_format, s.width, s.height
-        abi.zero(s)
-        s.index, s.pixel_format, s.width, s.height = index, pf, w, h
         s.type = abi.raw.Frmivaltypes.DISCRETE
-        s.discrete.numerator, s.discrete.denominator = 1, rates[index]
+        s.discrete.numerator, s.discrete.denominator = 1, rates[s.index]
 
     # streaming parameters
     def _fill_parm(self, s) -> None:
@@ -407,14 +382,10 @@ class CaptureHandle(NodeHandle):
         c.timeperframe.numerator, c.timeperframe.denominator = 1, self.node.fps
         c.readbuffers = READBUFFERS
 
-    @table.ioctl("G_PARM", abi.v4l2_streamparm)
-    def _g_parm(self, s, mem):
-        self._check_type(s.type)
+    def vidioc_g_parm(self, s, mem):
         self._fill_parm(s)
 
-    @table.ioctl("S_PARM", abi.v4l2_streamparm, prio=True)
-    def _s_parm(self, s, mem):
-        self._check_type(s.type)
+    def vidioc_s_parm(self, s, mem):
         n = self.node
         tpf = s.parm.capture.timeperframe
         rates = n.channel.frame_rates()

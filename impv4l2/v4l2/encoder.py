@@ -66,7 +66,6 @@ from .queue import MPLANE_TYPES, OUTPUT_TYPES, BufferQueue
 
 log = logging.getLogger("impv4l2.v4l2.encoder")
 
-BT = abi.BufType
 PF = abi.PixelFormat
 BF = abi.BufFlag
 
@@ -132,16 +131,14 @@ class EncoderHandle(NodeHandle):
     """An open file of the encoder node: one encoding session."""
 
     node: EncoderNode
-    table = NodeHandle.table.copy()
 
     def __init__(self, node: EncoderNode, caller):
         super().__init__(node, caller)
         self.ctx = EncoderContext(node, self)
 
-    def ioctl(self, cmd: int, arg: bytearray, mem) -> int:
-        if self.ctx.fatal:
-            raise OSError(errno.EIO, f"encoder failed: {self.ctx.fatal}")
-        return super().ioctl(cmd, arg, mem)
+    @property
+    def fatal(self) -> str | None:
+        return self.ctx.fatal
 
     @property
     def controls(self) -> ControlView:
@@ -165,22 +162,18 @@ class EncoderHandle(NodeHandle):
 
     # ------------------------------------------------------------ formats
 
-    def _check(self, t: int) -> bool:
-        """Validate a buffer type; True for OUTPUT."""
-        if t not in self.node.buf_types:
-            raise OSError(errno.EINVAL, f"buffer type {t} not supported")
+    @staticmethod
+    def _check(t: int) -> bool:
+        """True for an OUTPUT buffer type (the core has validated it)."""
         return t in OUTPUT_TYPES
 
-    @table.ioctl("ENUM_FMT", abi.v4l2_fmtdesc)
-    def _enum_fmt(self, s, mem):
+    def vidioc_enum_fmt(self, s, mem):
         is_out = self._check(s.type)
         fmts = ENCODER_RAW_FORMATS if is_out else CODED_FORMATS
         if s.index >= len(fmts):
             raise OSError(errno.EINVAL, "no more formats")
         f = fmts[s.index]
-        index, t = s.index, s.type
-        abi.zero(s)
-        s.index, s.type, s.pixelformat = index, t, f.fourcc
+        s.pixelformat = f.fourcc
         s.flags = 0 if is_out else abi.FmtFlag.COMPRESSED
         abi.set_str(s, "description", f.description)
 
@@ -222,8 +215,7 @@ class EncoderHandle(NodeHandle):
         self._fill_fmt(s, f.fourcc, ctx.width, ctx.height, 0, size)
         return f, size
 
-    @table.ioctl("G_FMT", abi.v4l2_format)
-    def _g_fmt(self, s, mem):
+    def vidioc_g_fmt(self, s, mem):
         ctx = self.ctx
         if self._check(s.type):
             bpl, size = ctx.raw.layout(ctx.width, ctx.height)
@@ -231,12 +223,10 @@ class EncoderHandle(NodeHandle):
         else:
             self._fill_fmt(s, ctx.coded.fourcc, ctx.width, ctx.height, 0, ctx.sizeimage)
 
-    @table.ioctl("TRY_FMT", abi.v4l2_format)
-    def _try_fmt(self, s, mem):
+    def vidioc_try_fmt(self, s, mem):
         self._try_fmt_of(s)
 
-    @table.ioctl("S_FMT", abi.v4l2_format, prio=True)
-    def _s_fmt(self, s, mem):
+    def vidioc_s_fmt(self, s, mem):
         ctx = self.ctx
         is_out = self._check(s.type)
         q = ctx.queue_for(s.type)
@@ -252,31 +242,25 @@ class EncoderHandle(NodeHandle):
             ctx.coded, ctx.sizeimage = self._try_fmt_of(s)
         ctx._update_sizes()
 
-    @table.ioctl("ENUM_FRAMESIZES", abi.v4l2_frmsizeenum)
-    def _enum_framesizes(self, s, mem):
+    def vidioc_enum_framesizes(self, s, mem):
         if not any(f.fourcc == s.pixel_format for f in ENCODER_RAW_FORMATS + CODED_FORMATS):
             raise OSError(errno.EINVAL, "unknown pixel format")
         if s.index != 0:
             raise OSError(errno.EINVAL, "no more sizes")
-        pf = s.pixel_format
-        abi.zero(s)
-        s.pixel_format, s.type = pf, abi.raw.Frmsizetypes.STEPWISE
+        s.type = abi.raw.Frmsizetypes.STEPWISE
         sw = s.stepwise
         sw.min_width, sw.max_width, sw.step_width = MIN_W, MAX_W, STEP
         sw.min_height, sw.max_height, sw.step_height = MIN_H, MAX_H, STEP
 
     # ------------------------------------------------------------ crop (OUTPUT)
 
-    def _sel_type(self, t: int) -> None:
-        # as the kernel core: the selection API names OUTPUT for OUTPUT_MPLANE too
-        mp = {BT.VIDEO_OUTPUT: BT.VIDEO_OUTPUT_MPLANE, BT.VIDEO_CAPTURE: BT.VIDEO_CAPTURE_MPLANE}
-        if t not in self.node.buf_types and mp.get(t) not in self.node.buf_types:
-            raise OSError(errno.EINVAL, f"buffer type {t} not supported")
+    @staticmethod
+    def _sel_type(t: int) -> None:
+        # the core has let OUTPUT through for OUTPUT_MPLANE too (the SEL row flag)
         if t not in OUTPUT_TYPES:
             raise OSError(errno.EINVAL, "the encoder crops on the OUTPUT queue only")
 
-    @table.ioctl("G_SELECTION", abi.raw.v4l2_selection)
-    def _g_selection(self, s, mem):
+    def vidioc_g_selection(self, s, mem):
         self._sel_type(s.type)
         ctx = self.ctx
         rects = {abi.raw.SelectionTarget.CROP: ctx.crop,
@@ -286,10 +270,8 @@ class EncoderHandle(NodeHandle):
         if r is None:
             raise OSError(errno.EINVAL, f"selection target {s.target} not supported")
         s.r.left, s.r.top, s.r.width, s.r.height = r
-        abi.zero(s.reserved)
 
-    @table.ioctl("S_SELECTION", abi.raw.v4l2_selection, prio=True)
-    def _s_selection(self, s, mem):
+    def vidioc_s_selection(self, s, mem):
         self._sel_type(s.type)
         if s.target != abi.raw.SelectionTarget.CROP:
             raise OSError(errno.EINVAL, f"selection target {s.target} is read-only")
@@ -305,7 +287,6 @@ class EncoderHandle(NodeHandle):
         top = min(max(s.r.top, 0), h - ch) & ~1
         ctx.crop = (left, top, cw, ch)
         s.r.left, s.r.top, s.r.width, s.r.height = ctx.crop
-        abi.zero(s.reserved)
 
     # ------------------------------------------------------------ frame rate
 
@@ -316,13 +297,11 @@ class EncoderHandle(NodeHandle):
         if not self._check(t):
             raise OSError(errno.EINVAL, "G/S_PARM: the coded (CAPTURE) queue has no frame interval of its own")
 
-    @table.ioctl("G_PARM", abi.v4l2_streamparm)
-    def _g_parm(self, s, mem):
+    def vidioc_g_parm(self, s, mem):
         self._parm_type(s.type)
         self._fill_parm(s)
 
-    @table.ioctl("S_PARM", abi.v4l2_streamparm, prio=True)
-    def _s_parm(self, s, mem):
+    def vidioc_s_parm(self, s, mem):
         self._parm_type(s.type)
         tpf = s.parm.output.timeperframe
         if tpf.numerator and tpf.denominator:
@@ -353,8 +332,7 @@ class EncoderHandle(NodeHandle):
             raise OSError(errno.EINVAL, f"sizeimage {want} < {need}")
         return [want]
 
-    @table.ioctl("QBUF", abi.v4l2_buffer)
-    def _qbuf(self, s, mem):
+    def vidioc_qbuf(self, s, mem):
         ctx = self.ctx
         q = self.queue(s.type)
         is_out = q.type in OUTPUT_TYPES
@@ -377,14 +355,11 @@ class EncoderHandle(NodeHandle):
         if s.cmd not in (ENC_CMD_START, ENC_CMD_STOP):
             raise OSError(errno.EINVAL, f"encoder command {s.cmd} not supported")
         s.flags = 0  # STOP_AT_GOP_END is not supported: stop right after the queued frames
-        abi.zero(s.m1)
 
-    @table.ioctl("TRY_ENCODER_CMD", abi.raw.v4l2_encoder_cmd)
-    def _try_encoder_cmd(self, s, mem):
+    def vidioc_try_encoder_cmd(self, s, mem):
         self._try_cmd(s)
 
-    @table.ioctl("ENCODER_CMD", abi.raw.v4l2_encoder_cmd, prio=True)
-    def _encoder_cmd(self, s, mem):
+    def vidioc_encoder_cmd(self, s, mem):
         self._try_cmd(s)
         self.ctx.encoder_cmd(s.cmd)
 

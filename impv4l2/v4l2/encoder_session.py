@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable
 
 
 from .. import optional
-from ..driver.base import EncoderChannel
+from ..driver.base import EncoderChannel, OutputTooSmall
 from ..driver.h264 import NalType, nal_spans
 from . import abi
 from .codec_controls import RC_KEYS, STREAM_KEYS, CodecSettings
@@ -373,9 +373,7 @@ class EncoderContext:
         dst = cap.view(cb)
         try:
             n, key = ch.encode_into(frame, ts, dst)
-        except ValueError as ex:
-            if getattr(ex, "needed", None) is None:  # not the backend's OutputTooSmall
-                raise
+        except OutputTooSmall as ex:
             self.lost += 1
             self.log.warning("%s: CAPTURE buffer %d too small (%s): frame lost, next is an IDR",
                              self.tag, cb.index, ex)

@@ -3,10 +3,11 @@
 :class:`Node` implements :class:`impv4l2.fileops.Device`: it owns the node
 memory (memfd), the priority state, the set of open handles, the control
 view (with control events) and the buffer queues.  :class:`NodeHandle`
-implements :class:`impv4l2.fileops.Handle`: the ioctl entry point (one table
-lookup, the priority check, logging, exceptions turned into errnos) and the
-ioctls every node answers the same way: QUERYCAP, G/S_PRIORITY, the control
-and event ioctls, the buffer-queue ioctls and LOG_STATUS.
+implements :class:`impv4l2.fileops.Handle`: its ioctl entry point hands every
+call to the V4L2 core (:mod:`impv4l2.v4l2.dispatch` over the one table in
+:mod:`impv4l2.v4l2.ioctls`), and it has the operations every node answers the
+same way: QUERYCAP, G/S_PRIORITY, the control and event ioctls, the
+buffer-queue ioctls and LOG_STATUS.
 """
 
 from __future__ import annotations
@@ -16,22 +17,33 @@ import logging
 import os
 import threading
 from mmap import PROT_READ, PROT_WRITE
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol
 
-from ..fileops import POLLERR, POLLIN, POLLPRI, POLLRDNORM, Caller, NeedMemory, Wakers, WouldBlock
+from ..fileops import POLLERR, POLLIN, POLLPRI, POLLRDNORM, Caller, Wakers, WouldBlock
 from ..memfd import MemfdMemory
-from ..shim import server as shim_server
 from . import abi
 from .budget import UNLIMITED, BufferBudget
 from .controls import Control, ControlView
-from .dispatch import IoctlTable
+from . import dispatch
 from .events import EventQueue, ctrl_event
+from .ioctls import IOCTLS
 from .queue import BufferQueue
 
 log = logging.getLogger("impv4l2.v4l2")
 
 
 VALID_PRIOS = (abi.Priority.BACKGROUND, abi.Priority.INTERACTIVE, abi.Priority.RECORD)
+
+
+class ShimService(Protocol):
+    """What a node's handles ask of the preload shim's server
+    (:class:`impv4l2.shim.ShimServer`, handed to the node by the daemon)."""
+
+    def info_ioctl(self, node_name: str, arg) -> int: ...
+
+    def mmap_ioctl(self, node_name: str, arg, check: Callable[[int, int, int], int]) -> int: ...
+
+    def note_mmap_client(self, node_name: str, pid: int) -> None: ...
 
 
 class Node:
@@ -41,6 +53,8 @@ class Node:
     card = "impv4l2"
     bus_info = "platform:impv4l2"
     device_caps = 0
+    buf_types: frozenset[int] = frozenset()  # the buffer types the core lets through (check_fmt)
+    shim: ShimService | None = None  # set while the preload shim's server serves this node
     # (event type, needs id in controls) subscribable on this node
     event_types: frozenset[int] = frozenset({abi.EventType.CTRL})
 
@@ -144,7 +158,7 @@ class Node:
 class NodeHandle:
     """One open file of a node (implements fileops.Handle)."""
 
-    table = IoctlTable()
+    fatal: str | None = None  # set once the handle is dead: every ioctl then answers EIO
 
     def __init__(self, node: Node, caller: Caller):
         self.node = node
@@ -157,33 +171,7 @@ class NodeHandle:
     # ------------------------------------------------------------ fileops.Handle
 
     def ioctl(self, cmd: int, arg: bytearray, mem) -> int:
-        node = self.node
-        e = self.table.get(cmd)
-        if e is None:
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("%s pid %d: %s: ENOTTY", node.name, self.caller.pid, abi.ioctl_name(cmd))
-            raise OSError(errno.ENOTTY, f"{abi.ioctl_name(cmd)} not supported")
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s pid %d: %s", node.name, self.caller.pid, e.name)
-        try:
-            s = e.struct.from_buffer(arg) if e.struct is not None else None
-            if e.prio and self.prio < node.max_prio():
-                raise OSError(errno.EBUSY, "another handle has a higher priority")
-            return e.fn(self, s, mem) or 0
-        except (WouldBlock, NeedMemory):
-            raise
-        except OSError as ex:
-            level = logging.DEBUG if ex.errno in (errno.EINVAL, errno.ENOTTY, errno.EAGAIN) else logging.INFO
-            log.log(level, "%s pid %d: %s: %s (%s)", node.name, self.caller.pid, e.name,
-                    errno.errorcode.get(ex.errno or 0, ex.errno), ex.strerror)
-            if e.always_copy and ex.errno:
-                # A negative result (not an error reply) makes the transport copy the struct
-                # back: the caller needs error_idx (the kernel's INFO_FL_ALWAYS_COPY).
-                return -ex.errno
-            raise
-        except Exception:
-            log.exception("%s pid %d: %s failed", node.name, self.caller.pid, e.name)
-            raise OSError(errno.EIO, f"{e.name}: internal error") from None
+        return dispatch.call(IOCTLS, self, cmd, arg, mem)
 
     def read(self, size: int, offset: int):
         raise OSError(errno.EINVAL, "read() not supported")
@@ -248,10 +236,8 @@ class NodeHandle:
 
     # ------------------------------------------------------------ common ioctls
 
-    @table.ioctl("QUERYCAP", abi.v4l2_capability)
-    def _querycap(self, s, mem):
+    def vidioc_querycap(self, s, mem):
         n = self.node
-        abi.zero(s)
         abi.set_str(s, "driver", "impv4l2")
         abi.set_str(s, "card", n.card)
         abi.set_str(s, "bus_info", n.bus_info)
@@ -259,55 +245,43 @@ class NodeHandle:
         s.device_caps = n.device_caps
         s.capabilities = n.device_caps | abi.Cap.DEVICE_CAPS
 
-    @table.ioctl("G_PRIORITY", abi.c_uint)
-    def _g_priority(self, s, mem):
+    def vidioc_g_priority(self, s, mem):
         s.value = self.node.max_prio()
 
-    @table.ioctl("S_PRIORITY", abi.c_uint, prio=True)
-    def _s_priority(self, s, mem):
+    def vidioc_s_priority(self, s, mem):
         self.node.change_prio(self, s.value)
 
-    @table.ioctl("LOG_STATUS")
-    def _log_status(self, s, mem):
+    def vidioc_log_status(self, s, mem):
         for line in self.node.log_status():
             log.info("%s: %s", self.node.name, line)
 
     # controls
-    @table.ioctl("QUERYCTRL", abi.v4l2_queryctrl)
-    def _queryctrl(self, s, mem):
+    def vidioc_queryctrl(self, s, mem):
         self.controls.queryctrl(s)
 
-    @table.ioctl("QUERY_EXT_CTRL", abi.v4l2_query_ext_ctrl)
-    def _query_ext_ctrl(self, s, mem):
+    def vidioc_query_ext_ctrl(self, s, mem):
         self.controls.query_ext_ctrl(s)
 
-    @table.ioctl("QUERYMENU", abi.v4l2_querymenu)
-    def _querymenu(self, s, mem):
+    def vidioc_querymenu(self, s, mem):
         self.controls.querymenu(s)
 
-    @table.ioctl("G_CTRL", abi.v4l2_control)
-    def _g_ctrl(self, s, mem):
+    def vidioc_g_ctrl(self, s, mem):
         self.controls.g_ctrl(s)
 
-    @table.ioctl("S_CTRL", abi.v4l2_control, prio=True)
-    def _s_ctrl(self, s, mem):
+    def vidioc_s_ctrl(self, s, mem):
         self.controls.s_ctrl(s, self)
 
-    @table.ioctl("G_EXT_CTRLS", abi.v4l2_ext_controls, always_copy=True)
-    def _g_ext_ctrls(self, s, mem):
+    def vidioc_g_ext_ctrls(self, s, mem):
         self.controls.ext_ctrls("get", s, mem, self)
 
-    @table.ioctl("S_EXT_CTRLS", abi.v4l2_ext_controls, prio=True, always_copy=True)
-    def _s_ext_ctrls(self, s, mem):
+    def vidioc_s_ext_ctrls(self, s, mem):
         self.controls.ext_ctrls("set", s, mem, self)
 
-    @table.ioctl("TRY_EXT_CTRLS", abi.v4l2_ext_controls, always_copy=True)
-    def _try_ext_ctrls(self, s, mem):
+    def vidioc_try_ext_ctrls(self, s, mem):
         self.controls.ext_ctrls("try", s, mem, self)
 
     # events
-    @table.ioctl("SUBSCRIBE_EVENT", abi.v4l2_event_subscription)
-    def _subscribe_event(self, s, mem):
+    def vidioc_subscribe_event(self, s, mem):
         t, i, flags = s.type, s.id, s.flags
         if t not in self.node.event_types:
             raise OSError(errno.EINVAL, f"event type {t} not supported")
@@ -325,42 +299,43 @@ class NodeHandle:
             return
         self.events.subscribe(t, i if t == abi.EventType.SOURCE_CHANGE else 0, flags)
 
-    @table.ioctl("UNSUBSCRIBE_EVENT", abi.v4l2_event_subscription)
-    def _unsubscribe_event(self, s, mem):
+    def vidioc_unsubscribe_event(self, s, mem):
         self.events.unsubscribe(s.type, s.id)
 
-    @table.ioctl("DQEVENT", abi.v4l2_event)
-    def _dqevent(self, s, mem):
+    def vidioc_dqevent(self, s, mem):
         if not self.events.dequeue(s):
             if self.nonblocking or self.events.polled:
                 raise OSError(errno.ENOENT, "no event pending")
             raise WouldBlock()
 
     # buffer queues
-    @table.ioctl("REQBUFS", abi.v4l2_requestbuffers, prio=True)
-    def _reqbufs(self, s, mem):
+    def vidioc_reqbufs(self, s, mem):
         q = self.queue(s.type)
         self.before_reqbufs(q, s)
         q.reqbufs(self, s)
         if s.memory == abi.Memory.MMAP and s.count:
             # CUSE nodes have no mmap: hint `impv4l2 run` once to a client without the shim.
-            shim_server.note_mmap_client(self.node.name, self.caller.pid)
+            if self.node.shim is not None:
+                self.node.shim.note_mmap_client(self.node.name, self.caller.pid)
 
-    @table.ioctl("IMPV4L2_SHIM_INFO", shim_server.SHIM_INFO_STRUCT, cmd=shim_server.VIDIOC_IMPV4L2_SHIM_INFO)
-    def _shim_info(self, s, mem):
+    def _shim(self) -> ShimService:
+        srv = self.node.shim
+        if srv is None:  # the shim then leaves mmap alone
+            raise OSError(errno.ENOTTY, f"{self.node.name}: no shim server")
+        return srv
+
+    def vidioc_impv4l2_shim_info(self, s, mem):
         """Driver-private: how the preload shim gets this node's buffer memory."""
-        return shim_server.shim_info_ioctl(self.node.name, s)
+        return self._shim().info_ioctl(self.node.name, s)
 
-    @table.ioctl("IMPV4L2_SHIM_MMAP", shim_server.SHIM_MMAP_STRUCT, cmd=shim_server.VIDIOC_IMPV4L2_SHIM_MMAP)
-    def _shim_mmap(self, s, mem):
+    def vidioc_impv4l2_shim_mmap(self, s, mem):
         """Driver-private: would vb2 let this file map s.length bytes at s.offset?"""
-        return shim_server.shim_mmap_ioctl(self.node.name, s, self.mmap_check)
+        return self._shim().mmap_ioctl(self.node.name, s, self.mmap_check)
 
     def before_reqbufs(self, q: BufferQueue, s) -> None:
         """Hook: a node refreshes the queue's plane sizes from its format."""
 
-    @table.ioctl("CREATE_BUFS", abi.v4l2_create_buffers, prio=True)
-    def _create_bufs(self, s, mem):
+    def vidioc_create_bufs(self, s, mem):
         q = self.queue(s.format.type)
         sizes = self.create_bufs_sizes(q, s.format)
         q.create_bufs(self, s, sizes)
@@ -368,26 +343,20 @@ class NodeHandle:
     def create_bufs_sizes(self, q: BufferQueue, fmt: abi.v4l2_format) -> list[int]:
         raise OSError(errno.EINVAL, "CREATE_BUFS not supported")
 
-    @table.ioctl("QUERYBUF", abi.v4l2_buffer)
-    def _querybuf(self, s, mem):
+    def vidioc_querybuf(self, s, mem):
         self.queue(s.type).querybuf(s, mem)
 
-    @table.ioctl("PREPARE_BUF", abi.v4l2_buffer)
-    def _prepare_buf(self, s, mem):
+    def vidioc_prepare_buf(self, s, mem):
         self.queue(s.type).prepare_buf(self, s, mem)
 
-    @table.ioctl("QBUF", abi.v4l2_buffer)
-    def _qbuf(self, s, mem):
+    def vidioc_qbuf(self, s, mem):
         self.queue(s.type).qbuf(self, s, mem)
 
-    @table.ioctl("DQBUF", abi.v4l2_buffer)
-    def _dqbuf(self, s, mem):
+    def vidioc_dqbuf(self, s, mem):
         self.queue(s.type).dqbuf(self, s, mem)
 
-    @table.ioctl("STREAMON", abi.c_int, prio=True)
-    def _streamon(self, s, mem):
+    def vidioc_streamon(self, s, mem):
         self.queue(s.value).streamon(self, s.value)
 
-    @table.ioctl("STREAMOFF", abi.c_int, prio=True)
-    def _streamoff(self, s, mem):
+    def vidioc_streamoff(self, s, mem):
         self.queue(s.value).streamoff(self, s.value)

@@ -59,7 +59,7 @@ import av
 import numpy as np
 
 from .. import base
-from ..base import Codec, EncodedFrame, EncoderChannel, EncoderParams, RcMode
+from ..base import Codec, EncodedFrame, EncoderChannel, EncoderParams, OutputTooSmall, RcMode  # noqa: F401 (re-exported)
 from ..h264 import START_CODE, NalSpan, NalType, level_idc, nal_spans
 
 log = logging.getLogger("impv4l2.driver.sim.avpu")
@@ -77,19 +77,6 @@ _PIXEL_FORMATS = {"nv12": "nv12", "yu12": "yuv420p", "i420": "yuv420p"}
 
 # Changes that alter the input frames: re-open before the next frame.
 _INPUT_KEYS = frozenset({"width", "height", "fps_num", "fps_den", "pixel_format"})
-
-
-class OutputTooSmall(ValueError):
-    """encode_into(): the access unit does not fit the destination buffer.
-
-    The access unit is dropped and the next frame is forced to be an IDR so
-    the stream stays decodable.
-    """
-
-    def __init__(self, needed: int, available: int):
-        super().__init__(f"access unit needs {needed} bytes, buffer has {available}")
-        self.needed = needed
-        self.available = available
 
 
 # ---------------------------------------------------------------- rate control

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from ..base import (ChannelMode, EncoderChannel, EncoderParams, FrameChannel,
-                    FrameInfo, FrameSink)
+                    FrameInfo, FrameSink, OutputTooSmall)
 from .isp import Tuning
 from .pattern import pattern
 
@@ -162,24 +162,12 @@ class SimFrameChannel(FrameChannel):
         """Encode the scratch frame into ``buf``: (bytesused, keyframe, error)."""
         enc, frame = self._encoder, memoryview(self._scratch)
         out = memoryview(buf).cast("B")
-        encode_into = getattr(enc, "encode_into", None)
-        if encode_into is not None:  # sim AVPU: one copy of the compressed data
-            try:
-                used, keyframe = encode_into(frame, timestamp_ns, out)
-                return used, keyframe, False
-            except ValueError as e:  # access unit larger than the buffer
-                log.warning("%s: %s", self.role, e)
-                return 0, False, True
-        au = enc.encode(frame, timestamp_ns)
-        if au.size > len(out):
-            log.warning("%s: %d-byte access unit exceeds %d-byte buffer",
-                        self.role, au.size, len(out))
-            return 0, au.keyframe, True
-        pos = 0
-        for nal in au.nals:
-            out[pos:pos + len(nal)] = nal
-            pos += len(nal)
-        return pos, au.keyframe, False
+        try:  # the sim AVPU writes the access unit straight into the buffer
+            used, keyframe = enc.encode_into(frame, timestamp_ns, out)
+            return used, keyframe, False
+        except OutputTooSmall as e:
+            log.warning("%s: %s", self.role, e)
+            return 0, False, True
 
     def _render(self, frame: np.ndarray, sensor_frame: int, seq: int,
                 timestamp_ns: int, tuning: Tuning) -> None:
