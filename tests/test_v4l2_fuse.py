@@ -52,7 +52,7 @@ def capture(path: str, fourcc: str, size: tuple[int, int], frames: int, tmp_path
                        check=True, capture_output=True, text=True, timeout=60).stdout.strip()
     assert int(n) == frames
     pix = {"nv12": "nv12", "yuyv422": "yuyv422"}[fourcc]
-    raw = subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(out), "-f", "rawvideo",
+    raw = subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(out), "-fps_mode", "passthrough", "-f", "rawvideo",
                           "-pix_fmt", pix, "-"], check=True, capture_output=True, timeout=120).stdout
     return np.frombuffer(raw, np.uint8).reshape(frames, -1)
 
