@@ -172,6 +172,8 @@ def main() -> int:
             r.tick(now, False)
         if now >= next_sample:
             samples.append({"t": round(now - t0, 1), **d.sample()})
+            # live, so a run cut short still leaves its trend in the output
+            print("sample " + json.dumps(samples[-1]), flush=True)
             next_sample += args.interval
         time.sleep(0.05)
     for r in roles:
