@@ -8,7 +8,8 @@ single test file run by hand) the first :func:`stage` call runs everything in th
 
 What the guest gets (one 9p share at /opt: the Malta board has PCI slots for few virtio
 devices): impv4l2/ (``impv4l2 bundle --arch mipsel``, with bytecode the host's 3.11 wrote),
-fake/ (libimp.so cross-compiled from tests/fakes, stream.h264), guest.py (tests/mips/).
+fake/ (libimp.so cross-compiled from tests/fakes, stream.h264), guest.py (tests/mips/), bench/
+(benchmarks/bench_cpu_per_frame.py and its helper).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SECONDS = int(os.environ.get("IMPV4L2_MIPS_SECONDS", "20"))
 CROSS = ("mipsel-linux-gnu-gcc", "-mabi=32")
+BENCH = ("bench_cpu_per_frame.py", "_common.py")
 # name -> (guest memory MB, guest.py arguments, timeout s)
 BOOTS: dict[str, tuple[int, str, float]] = {
     "main": (128, "--set main", 1500),
@@ -83,6 +85,9 @@ def prepare(opt: Path) -> None:
     shutil.copy(build_fake(cc=CROSS[0], cflags=CROSS[1:]), opt / "fake" / "libimp.so")
     h264_stream(opt / "fake" / "stream.h264")
     shutil.copy(ROOT / "tests" / "mips" / "guest.py", opt / "guest.py")
+    (opt / "bench").mkdir()  # the guest runs this benchmark beside the daemon (not in the bundle)
+    for name in BENCH:
+        shutil.copy(ROOT / "benchmarks" / name, opt / "bench" / name)
 
 
 def _boot(top: Path, opt: Path, name: str, out: Path) -> dict:
