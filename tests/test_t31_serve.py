@@ -332,7 +332,7 @@ def test_camera_runtime_serves_t31_without_numpy_pyav_pyudev(tmp_path, fake_lib,
     try:
         nodes = {n["role"]: n for n in list_json(d.mount)}
         for role in ("main", "sub"):
-            assert nodes[role]["formats"]["capture"] == ["NV12", "H264", "MJPG"], nodes[role]
+            assert nodes[role]["formats"]["capture"] == ["NV12", "H264", "HEVC", "MJPG"], nodes[role]
         raw = tmp_path / "main.nut"
         res = ffmpeg("-f", "v4l2", "-input_format", "nv12", "-video_size", f"{W}x{H}", "-i", d.node("main"),
                      "-frames:v", "10", "-c:v", "rawvideo", str(raw))

@@ -108,7 +108,9 @@ def test_querycap(node):
 def test_formats_and_sizes(node):
     from v4l2_helpers import open_node
     h = open_node(node)
-    for t, want in ((BT.VIDEO_OUTPUT_MPLANE, [PF.NV12, PF.YUV420]), (BT.VIDEO_CAPTURE_MPLANE, [PF.H264]),
+    from impv4l2.driver.sim.avpu import HAVE_X265
+    coded = [PF.H264] + [PF.HEVC] * HAVE_X265  # HEVC: only with libx265
+    for t, want in ((BT.VIDEO_OUTPUT_MPLANE, [PF.NV12, PF.YUV420]), (BT.VIDEO_CAPTURE_MPLANE, coded),
                     (BT.VIDEO_OUTPUT, [])):
         got = []
         for i in range(5):
@@ -117,7 +119,7 @@ def test_formats_and_sizes(node):
             if err_of(ioctl, h, "ENUM_FMT", d):
                 break
             got.append(d.pixelformat)
-            assert bool(d.flags & abi.FmtFlag.COMPRESSED) == (d.pixelformat == PF.H264)
+            assert bool(d.flags & abi.FmtFlag.COMPRESSED) == (d.pixelformat in coded)
         assert got == want
     c = M2MClient.__new__(M2MClient)
     c.mplane = True

@@ -157,6 +157,7 @@ class RcMode(enum.IntEnum):
 
 class Codec(enum.Enum):
     H264 = "h264"
+    HEVC = "hevc"
     JPEG = "jpeg"
 
 
@@ -178,7 +179,8 @@ class EncoderParams:
     max_bitrate: int = 4_000_000  # bit/s (peak, capped modes)
     gop: int = 50  # frames between IDRs
     profile: Profile = Profile.HIGH
-    level: str = "5.1"
+    level: str = "5.1"  # H.264 or HEVC level, as its menu names it
+    high_tier: bool = False  # HEVC: High tier allowed (libx265 uses it only beyond Main's limits)
     min_qp: int = 15
     max_qp: int = 48
     i_qp: int = 30  # FIXQP
@@ -258,6 +260,8 @@ class Encoder(abc.ABC):
     # offered only then); False where the hardware encodes only what a frame
     # channel feeds it (T31 with SDK 1.1.x).
     m2m: bool = True
+    # What the AVPU can encode; the device model offers only these formats.
+    codecs: frozenset[Codec] = frozenset({Codec.H264, Codec.JPEG})
 
     @abc.abstractmethod
     def create_channel(self, params: EncoderParams) -> EncoderChannel: ...

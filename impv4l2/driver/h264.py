@@ -1,7 +1,11 @@
-"""Backend-neutral H.264 Annex-B helpers: NAL splitting, NAL types, SPS fields.
+"""Backend-neutral H.264/HEVC Annex-B helpers: NAL splitting, NAL types, SPS fields.
 
-Used by the sim AVPU (to split libx264 output into T31-style packs), by the
-t31 backend (to check/label packs) and by tests (to verify stream layout).
+Used by the sim AVPU (to split libx264/libx265 output into T31-style packs),
+by the t31 backend (to check/label packs), by the M2M encoder (header modes)
+and by tests (to verify stream layout).  What differs between the codecs (where
+the NAL header keeps the type, which types are parameter sets, IDRs, random
+access points, what the T31 never emits) is one :class:`NalSyntax` row per
+codec in :data:`NAL_SYNTAX`; every helper takes the row (H.264 by default).
 All splitting works on any bytes-like object without copying it: start codes
 are found with ``re`` (which scans buffers in C), results are offsets.
 """
@@ -12,6 +16,8 @@ import dataclasses
 import enum
 import re
 from typing import NamedTuple
+
+from .base import Codec
 
 START_CODE = b"\x00\x00\x00\x01"
 
@@ -36,6 +42,57 @@ class NalType(enum.IntEnum):
     FILLER = 12
 
 
+class HevcNalType(enum.IntEnum):
+    """H.265 nal_unit_type (ITU-T H.265 table 7-1; IMPEncoderH265NaluType uses the same numbers)."""
+
+    TRAIL_N = 0
+    TRAIL_R = 1
+    BLA_W_LP = 16
+    BLA_W_RADL = 17
+    BLA_N_LP = 18
+    IDR_W_RADL = 19
+    IDR_N_LP = 20
+    CRA = 21
+    VPS = 32
+    SPS = 33
+    PPS = 34
+    AUD = 35
+    EOS = 36
+    EOB = 37
+    FILLER = 38
+    PREFIX_SEI = 39
+    SUFFIX_SEI = 40
+
+
+@dataclasses.dataclass(frozen=True)
+class NalSyntax:
+    """One codec's NAL header layout and the NAL types a driver acts on."""
+
+    codec: Codec
+    shift: int  # nal_unit_type = (first header byte >> shift) & mask
+    mask: int
+    params: tuple[int, ...]  # parameter sets, in the order they precede an IDR
+    idr: frozenset[int]  # IDR pictures (what the T31 and the sim code as key frames)
+    key: frozenset[int]  # random access pictures a decoder can start at: V4L2_BUF_FLAG_KEYFRAME
+    vcl: range  # coded slice types (one ends an access unit)
+    drop: frozenset[int]  # what the T31 never emits: AUD, SEI, filler
+    aud: int
+
+    def type_of(self, header_byte: int) -> int:
+        return (header_byte >> self.shift) & self.mask
+
+
+_H264_IDR = frozenset({NalType.IDR})
+H264 = NalSyntax(Codec.H264, 0, 0x1F, (NalType.SPS, NalType.PPS), _H264_IDR, _H264_IDR, range(1, 6),
+                 frozenset({NalType.SEI, NalType.AUD, NalType.FILLER}), NalType.AUD)
+_H = HevcNalType
+# IRAP pictures (BLA, IDR, CRA: H.265 7.4.2.2) are the random access points
+HEVC = NalSyntax(Codec.HEVC, 1, 0x3F, (_H.VPS, _H.SPS, _H.PPS), frozenset({_H.IDR_W_RADL, _H.IDR_N_LP}),
+                 frozenset(range(_H.BLA_W_LP, _H.CRA + 1)), range(0, 32),
+                 frozenset({_H.AUD, _H.PREFIX_SEI, _H.SUFFIX_SEI, _H.FILLER}), _H.AUD)
+NAL_SYNTAX: dict[Codec, NalSyntax] = {s.codec: s for s in (H264, HEVC)}
+
+
 class NalSpan(NamedTuple):
     """One NAL in a buffer: start code at ``start``, payload ``[payload:end]``."""
 
@@ -52,26 +109,26 @@ class NalSpan(NamedTuple):
 _match_start = re.Match.start
 
 
-def nal_spans(buf) -> list[NalSpan]:
+def nal_spans(buf, syntax: NalSyntax = H264) -> list[NalSpan]:
     """Offsets of every NAL in an Annex-B buffer (3- or 4-byte start codes).
 
     Bytes before the first start code are ignored (a valid stream has none).
     """
-    n = len(buf)
+    n, shift, mask = len(buf), syntax.shift, syntax.mask
     marks = [(s - 1 if s and buf[s - 1] == 0 else s, s + 3)
              for s in map(_match_start, _START_RE.finditer(buf))]
     spans = []
     for i, (s, p) in enumerate(marks):
         e = marks[i + 1][0] if i + 1 < len(marks) else n
         if p < e:  # skip an empty NAL (start code with nothing after it)
-            spans.append(NalSpan(s, p, e, buf[p] & 0x1F))
+            spans.append(NalSpan(s, p, e, (buf[p] >> shift) & mask))
     return spans
 
 
-def split_annexb(buf) -> list[memoryview]:
+def split_annexb(buf, syntax: NalSyntax = H264) -> list[memoryview]:
     """NAL payloads (without start codes) as zero-copy views of ``buf``."""
     mv = memoryview(buf).cast("B")
-    return [mv[s.payload:s.end] for s in nal_spans(mv)]
+    return [mv[s.payload:s.end] for s in nal_spans(mv, syntax)]
 
 
 def _start_code_len(mv: memoryview) -> int:
@@ -81,15 +138,31 @@ def _start_code_len(mv: memoryview) -> int:
     return 3 if mv[:3] == START_CODE[1:] else 0
 
 
-def nal_type(nal) -> int:
+def nal_type(nal, syntax: NalSyntax = H264) -> int:
     """Type of one NAL given with or without its start code."""
     mv = memoryview(nal).cast("B")
-    return mv[_start_code_len(mv)] & 0x1F
+    return syntax.type_of(mv[_start_code_len(mv)])
 
 
-def nal_types(buf) -> list[int]:
+def nal_types(buf, syntax: NalSyntax = H264) -> list[int]:
     """NAL types in an Annex-B buffer, in order."""
-    return [s.nal_type for s in nal_spans(buf)]
+    return [s.nal_type for s in nal_spans(buf, syntax)]
+
+
+def is_keyframe(types, syntax: NalSyntax = H264) -> bool:
+    """Whether an access unit with these NAL types is a random access point."""
+    return not syntax.key.isdisjoint(types)
+
+
+def header_end(spans: list[NalSpan], syntax: NalSyntax = H264) -> int:
+    """End offset of the parameter sets (SPS/PPS, HEVC: VPS/SPS/PPS) that open an
+    access unit, 0 if it does not start with one."""
+    end = 0
+    for s in spans:
+        if s.nal_type not in syntax.params:
+            break
+        end = s.end
+    return end
 
 
 # ---------------------------------------------------------------- levels

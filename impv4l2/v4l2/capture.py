@@ -29,14 +29,13 @@ import dataclasses
 import errno
 import logging
 import threading
-from typing import Callable
 
 from ..driver.base import (Backend, ChannelMode, Codec, EncoderChannel, EncoderParams,
                            FrameChannel, FrameInfo)
 from ..fileops import POLLERR, WouldBlock
 from . import abi
 from .budget import UNLIMITED, BufferBudget
-from .codec_controls import H264_CONTROLS, RC_KEYS, STREAM_KEYS, CodecControl, CodecSettings
+from .codec_controls import H264_CONTROLS, HEVC_CONTROLS, CodecControl, CodecSettings, codec_table
 from . import features as features_mod
 from .controls import ControlSet, ControlView, isp_control_set
 from .events import motion_event
@@ -58,19 +57,9 @@ INACTIVE = abi.CtrlFlag.INACTIVE
 _M2M_ONLY = frozenset({CID.MPEG_VIDEO_HEADER_MODE, CID.MPEG_VIDEO_REPEAT_SEQ_HEADER,
                        CID.MIN_BUFFERS_FOR_OUTPUT})
 JPEG_QUALITY = CodecControl(CID.JPEG_COMPRESSION_QUALITY, "Compression Quality", abi.CtrlType.INTEGER,
-                            1, 100, 1, 80, "jpeg_quality")
+                            1, 100, 1, 80, "jpeg_quality", codecs=frozenset({Codec.JPEG}))
 CAPTURE_CODEC_CONTROLS: tuple[CodecControl, ...] = (
-    tuple(c for c in H264_CONTROLS if c.cid not in _M2M_ONLY) + (JPEG_QUALITY,))
-# The codec (PixFormat.codec) a control applies to; unlisted: H.264.
-CONTROL_CODEC = {CID.JPEG_COMPRESSION_QUALITY: Codec.JPEG.value}
-
-# setting -> (codec it applies to, the EncoderChannel.update() fields a change sends)
-_Fields = Callable[[CodecSettings], dict]
-SETTING_UPDATES: dict[str, tuple[str, _Fields]] = {
-    **{k: (Codec.H264.value, CodecSettings.rc_fields) for k in RC_KEYS},
-    **{k: (Codec.H264.value, CodecSettings.stream_fields) for k in STREAM_KEYS},
-    "jpeg_quality": (Codec.JPEG.value, lambda s: {"jpeg_quality": s.values["jpeg_quality"]}),
-}
+    tuple(c for c in H264_CONTROLS if c.cid not in _M2M_ONLY) + HEVC_CONTROLS + (JPEG_QUALITY,))
 
 _isp_sets: dict[int, ControlSet] = {}
 _isp_lock = threading.Lock()
@@ -156,7 +145,7 @@ class CaptureNode(Node):
     device_caps = (abi.Cap.VIDEO_CAPTURE | abi.Cap.EXT_PIX_FORMAT | abi.Cap.READWRITE
                    | abi.Cap.STREAMING)
     event_types = frozenset({abi.EventType.CTRL, abi.EventType.SOURCE_CHANGE})
-    formats: tuple[PixFormat, ...] = capture_formats()
+    formats: tuple[PixFormat, ...] = capture_formats()  # per node: those of the backend's codecs
 
     def __init__(self, name: str, backend: Backend, channel: FrameChannel,
                  controls: ControlView | None = None, encoder_defaults=None,
@@ -166,7 +155,8 @@ class CaptureNode(Node):
         ``daynight``: an impv4l2.config.DayNightConfig (or None: defaults, no GPIOs)."""
         # This node's encoder binding: its own settings (not shared with other nodes).
         self.enc_channel: EncoderChannel | None = None
-        self.codec = CodecSettings(encoder_defaults, CAPTURE_CODEC_CONTROLS,
+        self.formats = capture_formats(backend.encoder.codecs)
+        self.codec = CodecSettings(encoder_defaults, codec_table(CAPTURE_CODEC_CONTROLS, backend.encoder.codecs),
                                    on_change=self._codec_setting_changed)
         self.codec_set = ControlSet(self.codec.controls())
         self.features = features_mod.features_of(backend, daynight)
@@ -202,7 +192,7 @@ class CaptureNode(Node):
         """Flag INACTIVE the encoder controls that do not apply to the selected
         format; subscribers get V4L2_EVENT_CTRL with CH_FLAGS for each change."""
         for c in self.codec_set.controls.values():
-            active = CONTROL_CODEC.get(c.id, Codec.H264.value) == self.fmt.codec
+            active = self.fmt.codec in {k.value for k in self.codec.codecs_of(c.id)}
             flags = c.flags & ~INACTIVE if active else c.flags | INACTIVE
             if flags == c.flags:
                 continue
@@ -222,17 +212,16 @@ class CaptureNode(Node):
             if key == "force_key_frame":
                 ch.request_idr()
                 return
-            codec, fields = SETTING_UPDATES.get(key, (None, None))
-            if codec == self.fmt.codec:
-                ch.update(**fields(self.codec))
+            fields = self.codec.update_fields(key, Codec(self.fmt.codec))
+            if fields is not None:
+                ch.update(**fields)
         except ValueError as ex:
             raise OSError(errno.EINVAL, str(ex)) from None
 
     def encoder_params(self) -> EncoderParams:
         """The encoder channel parameters of the selected compressed format."""
-        p = self.codec.params(self.width, self.height, self.fps, 1, "nv12")
-        return dataclasses.replace(p, codec=Codec(self.fmt.codec),
-                                   jpeg_quality=self.codec.values["jpeg_quality"])
+        p = self.codec.params(self.width, self.height, self.fps, 1, "nv12", Codec(self.fmt.codec))
+        return dataclasses.replace(p, jpeg_quality=self.codec.values["jpeg_quality"])
 
     def busy(self) -> bool:
         q = self.queue

@@ -1,8 +1,10 @@
-"""H.264 encoder controls (MPEG/Codec class) as data, and their mapping to EncoderParams.
+"""H.264 and HEVC encoder controls (MPEG/Codec class) as data, and their mapping to EncoderParams.
 
-One table (:data:`H264_CONTROLS`) describes every control the M2M encoder
-offers: V4L2 id, the kernel's name, type, range, default and the *setting*
-it writes.  :class:`CodecSettings` holds the values of one encoding session
+Two tables (:data:`H264_CONTROLS`, :data:`HEVC_CONTROLS`) describe every control the
+encoders offer: V4L2 id, the kernel's name, type, range, default, the *setting*
+it writes and the codecs it applies to (rate control, GOP and FORCE_KEY_FRAME are
+shared; profile, level, tier and QPs are per codec, in settings of their own).
+:data:`CODEC_FIELDS` says which settings give each codec's EncoderParams fields.  :class:`CodecSettings` holds the values of one encoding session
 (one M2M file handle, or later one compressed capture stream) and turns them
 into :class:`~impv4l2.driver.base.EncoderParams` (:meth:`CodecSettings.params`).
 
@@ -19,7 +21,8 @@ FRAME_RC_ENABLE      BITRATE_MODE   RcMode
 ===================  =============  ==========================================
 
 ``GOP_SIZE`` (what ffmpeg sets) and ``H264_I_PERIOD`` (what GStreamer and
-bcm2835 clients set) are one setting: the distance between IDRs.
+bcm2835 clients set) are one setting: the distance between IDRs, and so is
+``HEVC_REFRESH_PERIOD`` (with ``HEVC_REFRESH_TYPE`` fixed at IDR, as the T31 codes).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Iterable
 
-from ..driver.base import EncoderParams, Profile, RcMode
+from ..driver.base import Codec, EncoderParams, Profile, RcMode
 from . import abi
 from .controls import Control
 
@@ -50,6 +53,12 @@ PROFILE_DEFAULT = {"baseline": 1, "main": 2, "high": 4}
 LEVEL_MENU = ("1", "1b", "1.1", "1.2", "1.3", "2", "2.1", "2.2", "3", "3.1", "3.2",
               "4", "4.1", "4.2", "5", "5.1", "5.2")
 LEVEL_DEFAULT = LEVEL_MENU.index("5.1")  # the T31's usual level
+# HEVC menus (v4l2-ctrls-defs.c); the AVPU codes Main profile only (IMP_ENC_PROFILE_HEVC_MAIN).
+HEVC_PROFILE_MENU = ("Main", None, None)  # Main Still Picture, Main 10: not offered
+HEVC_LEVEL_MENU = ("1", "2", "2.1", "3", "3.1", "4", "4.1", "5", "5.1", "5.2", "6", "6.1", "6.2")
+HEVC_TIER_MENU = ("Main", "High")
+HEVC_REFRESH_MENU = ("None", "CRA", "IDR")
+HEVC_REFRESH_IDR = 2
 
 # config rc_mode -> (FRAME_RC_ENABLE, BITRATE_MODE).  capped_quality (the T31
 # stock camera mode) becomes capped VBR: V4L2 encoder clients set BITRATE and
@@ -81,10 +90,19 @@ class CodecControl:
     key: str | None
     menu: tuple[str | None, ...] = ()
     flags: int = 0
+    codecs: frozenset[Codec] = frozenset({Codec.H264, Codec.HEVC})  # the streams it applies to
 
 
-def _menu(cid, name, items, default, key) -> CodecControl:
-    return CodecControl(cid, name, T.MENU, 0, len(items) - 1, 1, default, key, tuple(items))
+_AVC, _HEVC = frozenset({Codec.H264}), frozenset({Codec.HEVC})
+
+
+def _menu(cid, name, items, default, key, codecs=_AVC) -> CodecControl:
+    return CodecControl(cid, name, T.MENU, 0, len(items) - 1, 1, default, key, tuple(items),
+                        codecs=codecs)
+
+
+def _qp(cid, name, default, key, codecs) -> CodecControl:
+    return CodecControl(cid, name, T.INTEGER, 0, 51, 1, default, key, codecs=codecs)
 
 
 H264_CONTROLS: tuple[CodecControl, ...] = (
@@ -99,15 +117,15 @@ H264_CONTROLS: tuple[CodecControl, ...] = (
     CodecControl(CID.MPEG_VIDEO_GOP_SIZE, "Video GOP Size", T.INTEGER, 1, 65535, 1,
                  "cfg:gop", "gop"),
     CodecControl(CID.MPEG_VIDEO_H264_I_PERIOD, "H264 I-Frame Period", T.INTEGER, 1, 65535, 1,
-                 "cfg:gop", "gop"),
+                 "cfg:gop", "gop", codecs=_AVC),
     CodecControl(CID.MPEG_VIDEO_B_FRAMES, "Video B Frames", T.INTEGER, 0, 0, 1, 0, None),
     CodecControl(CID.MPEG_VIDEO_H264_PROFILE, "H264 Profile", T.MENU, 0, len(PROFILE_MENU) - 1, 1,
-                 "cfg:profile", "profile", PROFILE_MENU),
+                 "cfg:profile", "profile", PROFILE_MENU, codecs=_AVC),
     _menu(CID.MPEG_VIDEO_H264_LEVEL, "H264 Level", LEVEL_MENU, LEVEL_DEFAULT, "level"),
-    CodecControl(CID.MPEG_VIDEO_H264_MIN_QP, "H264 Minimum QP Value", T.INTEGER, 0, 51, 1, 15, "min_qp"),
-    CodecControl(CID.MPEG_VIDEO_H264_MAX_QP, "H264 Maximum QP Value", T.INTEGER, 0, 51, 1, 48, "max_qp"),
-    CodecControl(CID.MPEG_VIDEO_H264_I_FRAME_QP, "H264 I-Frame QP Value", T.INTEGER, 0, 51, 1, 30, "i_qp"),
-    CodecControl(CID.MPEG_VIDEO_H264_P_FRAME_QP, "H264 P-Frame QP Value", T.INTEGER, 0, 51, 1, 30, "p_qp"),
+    _qp(CID.MPEG_VIDEO_H264_MIN_QP, "H264 Minimum QP Value", 15, "min_qp", _AVC),
+    _qp(CID.MPEG_VIDEO_H264_MAX_QP, "H264 Maximum QP Value", 48, "max_qp", _AVC),
+    _qp(CID.MPEG_VIDEO_H264_I_FRAME_QP, "H264 I-Frame QP Value", 30, "i_qp", _AVC),
+    _qp(CID.MPEG_VIDEO_H264_P_FRAME_QP, "H264 P-Frame QP Value", 30, "p_qp", _AVC),
     _menu(CID.MPEG_VIDEO_HEADER_MODE, "Sequence Header Mode", HEADER_MODE_MENU,
           HEADER_MODE_JOINED, "header_mode"),
     CodecControl(CID.MPEG_VIDEO_REPEAT_SEQ_HEADER, "Repeat Sequence Header", T.BOOLEAN, 0, 1, 1, 1,
@@ -117,6 +135,52 @@ H264_CONTROLS: tuple[CodecControl, ...] = (
     CodecControl(CID.MIN_BUFFERS_FOR_OUTPUT, "Min Number of Output Buffers", T.INTEGER, 1, 32, 1, 1,
                  None, flags=F.READ_ONLY | F.VOLATILE),
 )
+
+
+# The HEVC-only controls (the shared ones are in H264_CONTROLS): kernel names and menus
+# of v4l2-ctrls-defs.c, values in their own settings so an inactive codec's control
+# changes nothing of the other's stream.
+HEVC_CONTROLS: tuple[CodecControl, ...] = (
+    CodecControl(CID.MPEG_VIDEO_HEVC_PROFILE, "HEVC Profile", T.MENU, 0, 0, 1, 0, "hevc_profile",
+                 HEVC_PROFILE_MENU, codecs=_HEVC),
+    _menu(CID.MPEG_VIDEO_HEVC_LEVEL, "HEVC Level", HEVC_LEVEL_MENU, HEVC_LEVEL_MENU.index("5.1"),
+          "hevc_level", _HEVC),
+    _menu(CID.MPEG_VIDEO_HEVC_TIER, "HEVC Tier", HEVC_TIER_MENU, 0, "hevc_tier", _HEVC),
+    _qp(CID.MPEG_VIDEO_HEVC_MIN_QP, "HEVC Minimum QP Value", 15, "hevc_min_qp", _HEVC),
+    _qp(CID.MPEG_VIDEO_HEVC_MAX_QP, "HEVC Maximum QP Value", 48, "hevc_max_qp", _HEVC),
+    _qp(CID.MPEG_VIDEO_HEVC_I_FRAME_QP, "HEVC I-Frame QP Value", 30, "hevc_i_qp", _HEVC),
+    _qp(CID.MPEG_VIDEO_HEVC_P_FRAME_QP, "HEVC P-Frame QP Value", 30, "hevc_p_qp", _HEVC),
+    CodecControl(CID.MPEG_VIDEO_HEVC_REFRESH_TYPE, "HEVC Refresh Type", T.MENU, HEVC_REFRESH_IDR,
+                 HEVC_REFRESH_IDR, 1, HEVC_REFRESH_IDR, None, HEVC_REFRESH_MENU, codecs=_HEVC),
+    CodecControl(CID.MPEG_VIDEO_HEVC_REFRESH_PERIOD, "HEVC Refresh Period", T.INTEGER, 1, 65535, 1,
+                 "cfg:gop", "gop", codecs=_HEVC),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class CodecFields:
+    """Which settings give one codec's EncoderParams fields (QPs, profile, level, tier)."""
+
+    qp: tuple[str, str, str, str]  # settings of min_qp, max_qp, i_qp, p_qp
+    stream: Callable[[dict[str, int]], dict]  # values -> profile/level(/tier) fields
+
+
+CODEC_FIELDS: dict[Codec, CodecFields] = {
+    Codec.H264: CodecFields(("min_qp", "max_qp", "i_qp", "p_qp"), lambda v: dict(
+        profile=PROFILE_MAP[v["profile"]], level=LEVEL_MENU[v["level"]])),
+    Codec.HEVC: CodecFields(("hevc_min_qp", "hevc_max_qp", "hevc_i_qp", "hevc_p_qp"), lambda v: dict(
+        profile=Profile.MAIN, level=HEVC_LEVEL_MENU[v["hevc_level"]], high_tier=bool(v["hevc_tier"]))),
+}
+
+
+def _fields(codec: Codec) -> CodecFields:
+    # JPEG has none of these fields: a JPEG channel takes (and ignores) the H.264 ones
+    return CODEC_FIELDS.get(codec, CODEC_FIELDS[Codec.H264])
+
+
+def codec_table(table: Iterable[CodecControl], codecs) -> tuple[CodecControl, ...]:
+    """The rows of ``table`` that apply to at least one of ``codecs`` (what a backend encodes)."""
+    return tuple(c for c in table if not c.codecs.isdisjoint(codecs))
 
 
 def config_defaults(defaults) -> dict[str, int]:
@@ -191,9 +255,10 @@ class CodecSettings:
 
     # ------------------------------------------------------------ mapping
 
-    def rc_fields(self) -> dict:
+    def rc_fields(self, codec: Codec = Codec.H264) -> dict:
         """EncoderParams fields of the rate control (what update() takes)."""
         v = self.values
+        min_qp, max_qp, i_qp, p_qp = (v[k] for k in _fields(codec).qp)
         bitrate = v["bitrate"]
         peak = max(v["peak"], bitrate)
         if not v["rc_enable"]:
@@ -201,19 +266,29 @@ class CodecSettings:
         else:
             mode = {BITRATE_MODE_VBR: RcMode.VBR, BITRATE_MODE_CBR: RcMode.CBR,
                     BITRATE_MODE_CQ: RcMode.CAPPED_QUALITY}[v["bitrate_mode"]]
-        lo, hi = sorted((v["min_qp"], v["max_qp"]))
+        lo, hi = sorted((min_qp, max_qp))
         return dict(rc_mode=mode, bitrate=bitrate, max_bitrate=peak, min_qp=lo, max_qp=hi,
-                    i_qp=v["i_qp"], p_qp=v["p_qp"])
+                    i_qp=i_qp, p_qp=p_qp)
 
-    def stream_fields(self) -> dict:
+    def stream_fields(self, codec: Codec = Codec.H264) -> dict:
         """EncoderParams fields other than rate control and picture format."""
-        v = self.values
-        return dict(gop=v["gop"], profile=PROFILE_MAP[v["profile"]], level=LEVEL_MENU[v["level"]])
+        return dict(gop=self.values["gop"], **_fields(codec).stream(self.values))
 
     def params(self, width: int, height: int, fps_num: int, fps_den: int,
-               pixel_format: str) -> EncoderParams:
-        return EncoderParams(width=width, height=height, fps_num=fps_num, fps_den=fps_den,
-                             pixel_format=pixel_format, **self.rc_fields(), **self.stream_fields())
+               pixel_format: str, codec: Codec = Codec.H264) -> EncoderParams:
+        return EncoderParams(codec=codec, width=width, height=height, fps_num=fps_num, fps_den=fps_den,
+                             pixel_format=pixel_format, **self.rc_fields(codec), **self.stream_fields(codec))
+
+    def codecs_of(self, cid: int) -> frozenset[Codec]:
+        """The codecs the control ``cid`` of this table applies to (none if not in it)."""
+        return next((c.codecs for c in self.table if c.cid == cid), frozenset())
+
+    def update_fields(self, key: str, codec: Codec) -> dict | None:
+        """The EncoderChannel.update() fields a change of setting ``key`` sends to a
+        running ``codec`` channel; None if it does not apply to that codec."""
+        fields = _SETTING_FIELDS.get(key)
+        applies = any(c.key == key and codec in c.codecs for c in self.table)
+        return fields(self, codec) if fields is not None and applies else None
 
     @property
     def header_separate(self) -> bool:
@@ -225,5 +300,11 @@ class CodecSettings:
 
 
 # settings whose change is forwarded to a running channel, and how
-RC_KEYS = frozenset({"bitrate_mode", "bitrate", "peak", "rc_enable", "min_qp", "max_qp", "i_qp", "p_qp"})
-STREAM_KEYS = frozenset({"gop", "profile", "level"})
+RC_KEYS = frozenset({"bitrate_mode", "bitrate", "peak", "rc_enable", "min_qp", "max_qp", "i_qp", "p_qp",
+                     "hevc_min_qp", "hevc_max_qp", "hevc_i_qp", "hevc_p_qp"})
+STREAM_KEYS = frozenset({"gop", "profile", "level", "hevc_level", "hevc_tier"})
+_SETTING_FIELDS: dict[str, Callable[[CodecSettings, Codec], dict]] = {
+    **{k: CodecSettings.rc_fields for k in RC_KEYS},
+    **{k: CodecSettings.stream_fields for k in STREAM_KEYS},
+    "jpeg_quality": lambda s, codec: {"jpeg_quality": s.values["jpeg_quality"]},
+}

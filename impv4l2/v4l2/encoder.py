@@ -58,8 +58,8 @@ from .codec_controls import HEADER_MODE_JOINED, HEADER_MODE_SEPARATE
 from .controls import ControlView
 from .encoder_session import (ENC_CMD_START, ENC_CMD_STOP, MAX_FPS, MAX_H, MAX_SIZEIMAGE, MAX_W, MIN_H, MIN_W,
                               STEP, EncoderContext)
-from .formats import (CODED_FORMATS, COLORSPACE, ENCODER_RAW_FORMATS, QUANTIZATION, XFER_FUNC, YCBCR_ENC,
-                      CodedFormat)
+from .formats import (COLORSPACE, ENCODER_RAW_FORMATS, QUANTIZATION, XFER_FUNC, YCBCR_ENC,
+                      CodedFormat, coded_formats)
 from .m2m import API_CAPS, API_TYPES, RegionAllocator, buffer_mask
 from .node import Node, NodeHandle
 from .queue import MPLANE_TYPES, OUTPUT_TYPES, BufferQueue
@@ -85,6 +85,7 @@ class EncoderNode(Node):
         self.backend = backend
         self.defaults = defaults  # impv4l2.config.EncoderDefaults, read at each open
         self.apis = apis
+        self.coded_formats = coded_formats(backend.encoder.codecs)  # H.264, HEVC if the AVPU has it
         # HEADER_MODE_SEPARATE is implemented but not offered by default (as
         # allegro-dvt): ffmpeg (<= 7) asks for it and then muxes the header-only
         # buffer as a picture-less sample, which decoders report as an error.
@@ -169,7 +170,7 @@ class EncoderHandle(NodeHandle):
 
     def vidioc_enum_fmt(self, s, mem):
         is_out = self._check(s.type)
-        fmts = ENCODER_RAW_FORMATS if is_out else CODED_FORMATS
+        fmts = ENCODER_RAW_FORMATS if is_out else self.node.coded_formats
         if s.index >= len(fmts):
             raise OSError(errno.EINVAL, "no more formats")
         f = fmts[s.index]
@@ -208,7 +209,7 @@ class EncoderHandle(NodeHandle):
             col = _colorimetry(pix)
             self._fill_fmt(s, f.fourcc, w, h, bpl, size, col)
             return f, w, h, col
-        f = next((x for x in CODED_FORMATS if x.fourcc == pix.pixelformat), CODED_FORMATS[0])
+        f = next((x for x in self.node.coded_formats if x.fourcc == pix.pixelformat), self.node.coded_formats[0])
         want = pix.plane_fmt[0].sizeimage if mp else pix.sizeimage
         lo, default = CodedFormat.sizeimage_range(ctx.width, ctx.height)
         size = default if want < lo else min(page_align(want), MAX_SIZEIMAGE)
@@ -243,7 +244,7 @@ class EncoderHandle(NodeHandle):
         ctx._update_sizes()
 
     def vidioc_enum_framesizes(self, s, mem):
-        if not any(f.fourcc == s.pixel_format for f in ENCODER_RAW_FORMATS + CODED_FORMATS):
+        if not any(f.fourcc == s.pixel_format for f in ENCODER_RAW_FORMATS + self.node.coded_formats):
             raise OSError(errno.EINVAL, "unknown pixel format")
         if s.index != 0:
             raise OSError(errno.EINVAL, "no more sizes")

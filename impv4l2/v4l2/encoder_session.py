@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Callable
 
 from .. import optional
 from ..driver.base import EncoderChannel, OutputTooSmall
-from ..driver.h264 import NalType, nal_spans
+from ..driver.h264 import NAL_SYNTAX, header_end, nal_spans
 from . import abi
-from .codec_controls import RC_KEYS, STREAM_KEYS, CodecSettings
+from .codec_controls import H264_CONTROLS, HEVC_CONTROLS, RC_KEYS, STREAM_KEYS, CodecSettings, codec_table
 from .controls import ControlSet, ControlView
-from .formats import (CODED_FORMATS, COLORSPACE, ENCODER_RAW_FORMATS, QUANTIZATION, XFER_FUNC, YCBCR_ENC,
+from .formats import (COLORSPACE, ENCODER_RAW_FORMATS, QUANTIZATION, XFER_FUNC, YCBCR_ENC,
                       CodedFormat)
 from .m2m import API_TYPES, M2MQueue
 from .queue import OUTPUT_TYPES, Buffer
@@ -88,7 +88,7 @@ class EncoderContext:
             q.on_stop = lambda d=d: self._stopped(d)
         # formats
         self.raw = ENCODER_RAW_FORMATS[0]
-        self.coded = CODED_FORMATS[0]
+        self.coded = node.coded_formats[0]
         self.width, self.height = DEFAULT_W, DEFAULT_H
         self.crop = (0, 0, DEFAULT_W, DEFAULT_H)
         self.fps = fractions.Fraction(DEFAULT_FPS)
@@ -96,7 +96,8 @@ class EncoderContext:
         # colorimetry of the source, as the client says (passed on to CAPTURE)
         self.colorimetry = (COLORSPACE, XFER_FUNC, YCBCR_ENC, QUANTIZATION)
         # controls (per context, like an m2m driver's per-ctx handler)
-        self.settings = CodecSettings(node.defaults, on_change=self._control_changed)
+        table = codec_table(H264_CONTROLS + HEVC_CONTROLS, node.backend.encoder.codecs)
+        self.settings = CodecSettings(node.defaults, table, on_change=self._control_changed)
         self.ctrl_set = ControlSet(self.settings.controls(node.menu_allow))
         self.controls = ControlView([self.ctrl_set])
         self.ctrl_set.add_listener(self._post_ctrl_event)
@@ -157,9 +158,9 @@ class EncoderContext:
             if key == "force_key_frame":
                 ch.request_idr()
             elif key in RC_KEYS:
-                ch.update(**self.settings.rc_fields())
+                ch.update(**self.settings.rc_fields(ch.params.codec))
             elif key in STREAM_KEYS:
-                ch.update(**self.settings.stream_fields())
+                ch.update(**self.settings.stream_fields(ch.params.codec))
         except ValueError as ex:
             raise OSError(errno.EINVAL, str(ex)) from None
 
@@ -278,16 +279,16 @@ class EncoderContext:
     def _get_channel(self) -> EncoderChannel:
         with self.cv:
             reset, self.reset_channel = self.reset_channel, False
-        if reset:
+        if reset or (self.channel is not None and self.channel.params.codec is not self.coded.codec):
             self._close_channel()
         pic = self.picture_fields()
         ch = self.channel
         if ch is None:
-            params = self.settings.params(**pic)
+            params = self.settings.params(**pic, codec=self.coded.codec)
             self.channel = ch = self.node.backend.encoder.create_channel(params)
             self.fresh = True
-            self.log.info("%s: encoder channel %dx%d %s @%s fps, %s %d bit/s, gop %d, %s",
-                          self.tag, params.width, params.height, params.pixel_format,
+            self.log.info("%s: %s encoder channel %dx%d %s @%s fps, %s %d bit/s, gop %d, %s",
+                          self.tag, params.codec.value, params.width, params.height, params.pixel_format,
                           self.fps, params.rc_mode.name, params.bitrate, params.gop,
                           params.profile.value)
         elif any(getattr(ch.params, k) != v for k, v in pic.items()):
@@ -394,12 +395,8 @@ class EncoderContext:
         """Apply HEADER_MODE / REPEAT_SEQ_HEADER to a keyframe AU in ``dst``.
         Returns (new size, size of a header part to send alone or 0)."""
         fresh, self.fresh = self.fresh, False
-        spans = nal_spans(dst[:n])
-        hdr = 0
-        for s in spans:
-            if s.nal_type not in (NalType.SPS, NalType.PPS):
-                break
-            hdr = s.end
+        syntax = NAL_SYNTAX[self.coded.codec]
+        hdr = header_end(nal_spans(dst[:n], syntax), syntax)  # SPS+PPS (HEVC: VPS+SPS+PPS)
         if not hdr or hdr >= n:
             return n, 0
         if fresh and self.settings.header_separate:

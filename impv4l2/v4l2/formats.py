@@ -86,17 +86,21 @@ JPEG_COLORIMETRY = (abi.Colorspace.JPEG, abi.YcbcrEnc._601, abi.Quantization.FUL
 # Compressed formats of a capture node: the AVPU channel bound to its frame channel.
 ENCODED_FORMATS: tuple[PixFormat, ...] = (
     PixFormat(PF.H264, "H.264", Produce.ENCODED, _compressed, codec="h264", compressed=True),
+    PixFormat(PF.HEVC, "HEVC", Produce.ENCODED, _compressed, codec="hevc", compressed=True),
     PixFormat(PF.MJPEG, "Motion-JPEG", Produce.ENCODED, _compressed, codec="jpeg",
               compressed=True, colorimetry=JPEG_COLORIMETRY),
 )
 CAPTURE_FORMATS = RAW_FORMATS + ENCODED_FORMATS
 
 
-def capture_formats() -> tuple[PixFormat, ...]:
-    """What this runtime can produce: no CONVERT formats without PyAV and numpy."""
-    if optional.have("av", "numpy"):
-        return CAPTURE_FORMATS
-    return tuple(f for f in CAPTURE_FORMATS if f.produce != Produce.CONVERT)
+def capture_formats(codecs=None) -> tuple[PixFormat, ...]:
+    """What this runtime can produce: no CONVERT formats without PyAV and numpy, ENCODED
+    formats only of ``codecs`` (driver.base.Codec members: what the AVPU encodes; None: all)."""
+    convert = optional.have("av", "numpy")
+    values = None if codecs is None else {c.value for c in codecs}
+    return tuple(f for f in CAPTURE_FORMATS
+                 if (convert or f.produce != Produce.CONVERT)
+                 and (values is None or f.codec is None or f.codec in values))
 
 # Colorimetry of every raw format (the ISP outputs BT.709 limited-range YUV).
 COLORSPACE = abi.Colorspace.REC709
@@ -158,4 +162,9 @@ ENCODER_RAW_FORMATS = (
     RawFormat(PF.NV12, "Y/CbCr 4:2:0", "nv12"),
     RawFormat(PF.YUV420, "Planar YUV 4:2:0", "yu12"),
 )
-CODED_FORMATS = (CodedFormat(PF.H264, "H.264", Codec.H264),)
+CODED_FORMATS = (CodedFormat(PF.H264, "H.264", Codec.H264), CodedFormat(PF.HEVC, "HEVC", Codec.HEVC))
+
+
+def coded_formats(codecs) -> tuple[CodedFormat, ...]:
+    """The M2M encoder's CAPTURE formats among ``codecs`` (what the AVPU encodes)."""
+    return tuple(f for f in CODED_FORMATS if f.codec in codecs)

@@ -2,6 +2,15 @@
 #define _GNU_SOURCE
 #include "libimp_fake.h"
 
+/* IMPEncoderProfile values every T31 SDK 1.1.x takes: (type << 24) | profile_idc */
+#define PROFILE_HEVC_MAIN ((1 << 24) | 1)
+static int profile_ok(int p)
+{
+    return p == ((0 << 24) | 66) || p == ((0 << 24) | 77) || p == ((0 << 24) | 100) ||
+           p == PROFILE_HEVC_MAIN || p == PROFILE_JPEG;
+}
+static int is_hevc(int e) { return enc[e].attr.encAttr.eProfile == PROFILE_HEVC_MAIN; }
+
 /* ---------------------------------------------------------------- encoder */
 
 int IMP_Encoder_CreateGroup(int g)
@@ -92,6 +101,7 @@ int IMP_Encoder_CreateChn(int e, const IMPEncoderChnAttr *a)
     pthread_mutex_lock(&mu);
     REQUIRE(sys.sys_init && enc_ok(e) && !enc[e].created, "CreateChn order");
     REQUIRE(a->encAttr.uWidth > 0 && a->encAttr.uHeight > 0 && a->rcAttr.outFrmRate.frmRateDen > 0, "bad attr");
+    REQUIRE(profile_ok(a->encAttr.eProfile), "unknown IMPEncoderProfile");
     load_file();
     const char *rs = getenv("IMPFAKE_RING_SIZE");
     uint32_t size = rs ? (uint32_t)atoi(rs) : 16384;
@@ -292,8 +302,11 @@ static void add_pack(int e, IMPEncoderPack *pk, int type, const uint8_t *hdr, ui
     pk->offset = enc[e].wpos;
     pk->length = hlen + blen;
     pk->timestamp = ts;
-    pk->nalType.h264NalType = type;  /* the union's H.264 member, every release (1.1.1 .. 1.1.6) */
-    pk->sliceType = type == 5 ? 2 : 1;  /* IMP_ENC_SLICE_I / _P; parameter sets get the P default */
+    /* the union's member of the channel's codec, every release (1.1.1 .. 1.1.6) */
+    int idr = is_hevc(e) ? type == 19 || type == 20 : type == 5;  /* IDR_W_RADL/IDR_N_LP, IDR */
+    if (is_hevc(e)) pk->nalType.h265NalType = type;
+    else pk->nalType.h264NalType = type;
+    pk->sliceType = idr ? 2 : 1;  /* IMP_ENC_SLICE_I / _P; parameter sets get the P default */
     if (pk->offset + pk->length > enc[e].ring_size) n_wrapped++;
     ring_put(e, hdr, hlen);
     if (body) ring_put(e, body, blen);
@@ -338,7 +351,7 @@ int IMP_Encoder_GetStream(int e, IMPEncoderStream *st, bool block)
         packs[np].offset = start;
         packs[np].length = 2 + body + 2;
         np++;
-    } else if (file_data && file_naus) {
+    } else if (file_data && file_naus && !is_hevc(e)) {  /* the file is H.264 */
         int au = enc[e].file_pos % file_naus;
         if (enc[e].idr_req) {  /* jump to the next AU holding an IDR */
             for (int k = 0; k < file_naus; k++) {
@@ -358,7 +371,17 @@ int IMP_Encoder_GetStream(int e, IMPEncoderStream *st, bool block)
         int idr = n % gop == 0 || enc[e].idr_req;
         enc[e].idr_req = 0;
         int fill = 2 + n % 200;  /* payload byte: never 0/1, so no false start codes */
-        if (idr) {
+        if (is_hevc(e) && idr) {  /* VPS, SPS, PPS, IDR_W_RADL: 2-byte NAL headers */
+            uint8_t vps[6] = {0, 0, 0, 1, 32 << 1, 1}, sps[6] = {0, 0, 0, 1, 33 << 1, 1};
+            uint8_t pps[6] = {0, 0, 0, 1, 34 << 1, 1}, irap[6] = {0, 0, 0, 1, 19 << 1, 1};
+            add_pack(e, &packs[np++], 32, vps, 6, NULL, 20, fill, ts);
+            add_pack(e, &packs[np++], 33, sps, 6, NULL, 30, fill, ts);
+            add_pack(e, &packs[np++], 34, pps, 6, NULL, 4, fill, ts);
+            add_pack(e, &packs[np++], 19, irap, 6, NULL, 2000 + (n * 37) % 3000, fill, ts);
+        } else if (is_hevc(e)) {  /* TRAIL_R */
+            uint8_t trail[6] = {0, 0, 0, 1, 1 << 1, 1};
+            add_pack(e, &packs[np++], 1, trail, 6, NULL, 200 + (n * 53) % 1500, fill, ts);
+        } else if (idr) {
             uint8_t h7[5] = {0, 0, 0, 1, 0x67}, h8[5] = {0, 0, 0, 1, 0x68}, h5[5] = {0, 0, 0, 1, 0x65};
             add_pack(e, &packs[np++], 7, h7, 5, NULL, 12, fill, ts);
             add_pack(e, &packs[np++], 8, h8, 5, NULL, 4, fill, ts);

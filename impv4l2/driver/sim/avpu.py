@@ -1,4 +1,4 @@
-"""The sim AVPU: libx264 (and FFmpeg's MJPEG) through PyAV, shaped like the T31.
+"""The sim AVPU: libx264, libx265 (and FFmpeg's MJPEG) through PyAV, shaped like the T31.
 
 What the T31 AVPU emits, and so what this encoder emits:
 
@@ -6,6 +6,10 @@ What the T31 AVPU emits, and so what this encoder emits:
   widened), no AUD, no SEI (x264's version SEI is dropped), SPS+PPS before
   every IDR, no B-frames, closed GOP, an IDR exactly every ``gop`` frames
   (scenecut off) or when requested;
+* H.265 the same way (libx265, Main profile): VPS+SPS+PPS before every IDR
+  (repeat-headers), no AUD, no SEI, one slice per picture, no thread pool
+  (``pools=none``, one frame thread: deterministic and cheap).  Offered only
+  when the installed PyAV's FFmpeg has libx265 (:data:`HAVE_X265`);
 * zero latency: every ``encode()`` returns the access unit of that very frame
   (tune=zerolatency: no lookahead, sliced threads instead of frame threads);
 * one slice per picture (NAL sequence 7, 8, 5, 1, 1, ...), as the AVPU codes
@@ -60,7 +64,7 @@ import numpy as np
 
 from .. import base
 from ..base import Codec, EncodedFrame, EncoderChannel, EncoderParams, OutputTooSmall, RcMode  # noqa: F401 (re-exported)
-from ..h264 import START_CODE, NalSpan, NalType, level_idc, nal_spans
+from ..h264 import HEVC, H264, START_CODE, NalSpan, NalSyntax, level_idc, nal_spans
 
 log = logging.getLogger("impv4l2.driver.sim.avpu")
 
@@ -68,8 +72,7 @@ log = logging.getLogger("impv4l2.driver.sim.avpu")
 # thread; the T31's AVPU codes one slice per picture, so one thread (frame threads would
 # delay every AU by a frame per thread).
 X264_THREADS = 1
-# NAL types the T31 never emits: dropped from x264's output.
-_DROP_NALS = frozenset({NalType.SEI, NalType.AUD, NalType.FILLER})
+HAVE_X265 = "libx265" in av.codecs_available
 
 # EncoderParams.pixel_format -> (PyAV pixel format, rows of width bytes per
 # frame as a multiple of height/2: both are 4:2:0 with height*3/2 rows).
@@ -158,15 +161,25 @@ def _frame_from_memory(buf, p: EncoderParams, fmt: str) -> av.VideoFrame:
     return frame
 
 
-# ---------------------------------------------------------------- H.264
+# ---------------------------------------------------------------- H.264 / H.265
 
-class SimH264Channel(EncoderChannel):
-    """An AVPU H.264 channel on libx264.
+class SimVideoChannel(EncoderChannel):
+    """An AVPU H.264/H.265 channel on an FFmpeg encoder; subclasses give the codec's row
+    (``CODEC``, ``LIB``, ``SYNTAX``) and its options (:meth:`_config`).
 
     ``encode()`` and ``encode_into()`` are called by one thread (the frame
     channel's); ``request_idr()`` and ``update()`` may be called from any
     other thread and never wait for an encode in progress.
     """
+
+    CODEC: Codec
+    LIB: str  # the FFmpeg encoder
+    SYNTAX: NalSyntax
+    # FFmpeg reconfigures this encoder's bit rate in place (libx264: x264_encoder_reconfig);
+    # otherwise a new bit rate re-opens at the next IDR like the other settings.
+    RECONFIG_BITRATE = False
+    # Input layouts the encoder takes as they are; others are converted by swscale (in C).
+    INPUT_FORMATS = frozenset({"nv12", "yuv420p"})
 
     def __init__(self, params: EncoderParams, *, preset: str = "ultrafast",
                  threads: int = X264_THREADS):
@@ -185,44 +198,33 @@ class SimH264Channel(EncoderChannel):
 
     # -- encoder life cycle
 
-    def _x264_config(self, p: EncoderParams) -> tuple[int, dict[str, str]]:
-        bit_rate, opts, x264 = _RC_TABLE[p.rc_mode](p)
-        x264 = {
-            "keyint": p.gop, "min-keyint": p.gop, "scenecut": 0,
-            "open-gop": 0, "bframes": 0, "repeat-headers": 1, "annexb": 1,
-            "aud": 0, "nal-hrd": "none", "intra-refresh": 0,
-            "rc-lookahead": 0, "sync-lookahead": 0, "sliced-threads": 1,
-            "threads": self._threads, "slices": self._threads, "level": p.level,
-            **_PROFILE_TOOLS[p.profile], **x264,
-        }
-        opts = {
-            "preset": self._preset, "tune": "zerolatency",
-            "profile": p.profile.value, "forced-idr": "1",
-            "x264-params": ":".join(f"{k}={v}" for k, v in x264.items()),
-            **opts,
-        }
-        return bit_rate, opts
+    def _config(self, p: EncoderParams) -> tuple[int, dict[str, str]]:
+        """(AVCodecContext.bit_rate, FFmpeg options) for ``p``."""
+        raise NotImplementedError
 
     def _open(self, p: EncoderParams) -> None:
-        bit_rate, opts = self._x264_config(p)
-        ctx = av.CodecContext.create("libx264", "w")
+        bit_rate, opts = self._config(p)
+        ctx = av.CodecContext.create(self.LIB, "w")
         ctx.width, ctx.height = p.width, p.height
-        ctx.pix_fmt = _PIXEL_FORMATS[p.pixel_format]
+        src = _PIXEL_FORMATS[p.pixel_format]
+        ctx.pix_fmt = src if src in self.INPUT_FORMATS else "yuv420p"
         ctx.time_base = fractions.Fraction(p.fps_den, p.fps_num)
         ctx.framerate = fractions.Fraction(p.fps_num, p.fps_den)
         ctx.gop_size = p.gop
         ctx.max_b_frames = 0
-        ctx.thread_count = self._threads
-        ctx.thread_type = "SLICE"
+        self._threading(ctx)
         if bit_rate:
             ctx.bit_rate = bit_rate
         ctx.options = opts
         ctx.open()
         self._ctx, self._opts, self._bit_rate = ctx, opts, bit_rate
-        self._fmt = ctx.pix_fmt
+        self._fmt, self._convert = src, src != ctx.pix_fmt
         self._since_idr = 0  # a new encoder starts with an IDR
         self.params = p
-        log.debug("x264 opened %dx%d %s: %s", p.width, p.height, p.pixel_format, opts)
+        log.debug("%s opened %dx%d %s: %s", self.LIB, p.width, p.height, p.pixel_format, opts)
+
+    def _threading(self, ctx) -> None:
+        """Set the context's threading (before open)."""
 
     def close(self) -> None:
         self._ctx = None
@@ -230,13 +232,13 @@ class SimH264Channel(EncoderChannel):
     # -- control (any thread)
 
     def request_idr(self) -> None:
-        """The next encoded frame is an IDR (with SPS+PPS before it)."""
+        """The next encoded frame is an IDR (with its parameter sets before it)."""
         self._idr_requested = True
 
     def update(self, **changes) -> None:
         """Change parameters while streaming (see the module doc for when
         each takes effect).  Unknown names or invalid values: ValueError."""
-        if "codec" in changes and changes["codec"] != Codec.H264:
+        if "codec" in changes and changes["codec"] != self.CODEC:
             raise ValueError("cannot change the codec of an open channel")
         with self._lock:
             cur = self._pending or self.params
@@ -255,12 +257,12 @@ class SimH264Channel(EncoderChannel):
             new = self._pending
             if new is None:
                 return
-            bit_rate, opts = self._x264_config(new)
-            if bit_rate and self._bit_rate and bit_rate != self._bit_rate:
-                # FFmpeg's libx264 calls x264_encoder_reconfig() for this.
+            bit_rate, opts = self._config(new)
+            if (self.RECONFIG_BITRATE and bit_rate and self._bit_rate
+                    and bit_rate != self._bit_rate):
                 self._ctx.bit_rate = self._bit_rate = bit_rate
-            if opts == self._opts and not self._pending_now:  # done in place
-                self.params, self._pending = new, None
+            if (opts, bit_rate) == (self._opts, self._bit_rate) and not self._pending_now:
+                self.params, self._pending = new, None  # done in place
                 return
             if not (self._pending_now or self._idr_requested
                     or self._since_idr >= self.params.gop):
@@ -275,6 +277,8 @@ class SimH264Channel(EncoderChannel):
             raise RuntimeError("encoder channel is closed")
         self._apply_pending()
         frame = _frame_from_memory(frame_mem, self.params, self._fmt)
+        if self._convert:  # libx265 takes planar 4:2:0 only: swscale repacks NV12 (in C)
+            frame = frame.reformat(format="yuv420p")
         frame.pts = self._pts
         self._pts += 1
         if self._idr_requested:
@@ -282,16 +286,17 @@ class SimH264Channel(EncoderChannel):
             frame.pict_type = av.video.frame.PictureType.I
         packets = self._ctx.encode(frame)
         if len(packets) != 1:  # zerolatency guarantees one; anything else is a bug
-            raise RuntimeError(f"x264 returned {len(packets)} packets for one frame")
+            raise RuntimeError(f"{self.LIB} returned {len(packets)} packets for one frame")
         mv = memoryview(packets[0])
-        spans = [s for s in nal_spans(mv) if s.nal_type not in _DROP_NALS]
-        keyframe = any(s.nal_type == NalType.IDR for s in spans)
+        syn = self.SYNTAX
+        spans = [s for s in nal_spans(mv, syn) if s.nal_type not in syn.drop]
+        keyframe = any(s.nal_type in syn.idr for s in spans)
         self._since_idr = 1 if keyframe else self._since_idr + 1
         return mv, spans, keyframe
 
     def encode(self, nv12: memoryview, timestamp_ns: int) -> EncodedFrame:
         """Encode one frame; returns its access unit.  NALs are views of the
-        encoder's packet when x264 wrote 4-byte start codes everywhere (one
+        encoder's packet when it wrote 4-byte start codes everywhere (one
         slice per frame), else views of one new buffer of the access unit."""
         mv, spans, keyframe = self._encode_packet(nv12, timestamp_ns)
         types = [s.nal_type for s in spans]
@@ -317,6 +322,70 @@ class SimH264Channel(EncoderChannel):
             raise OutputTooSmall(need, len(out))
         _write_au(mv, spans, out)
         return need, keyframe
+
+
+class SimH264Channel(SimVideoChannel):
+    """An AVPU H.264 channel on libx264."""
+
+    CODEC, LIB, SYNTAX = Codec.H264, "libx264", H264
+    RECONFIG_BITRATE = True
+
+    def _config(self, p: EncoderParams) -> tuple[int, dict[str, str]]:
+        bit_rate, opts, x264 = _RC_TABLE[p.rc_mode](p)
+        x264 = {
+            "keyint": p.gop, "min-keyint": p.gop, "scenecut": 0,
+            "open-gop": 0, "bframes": 0, "repeat-headers": 1, "annexb": 1,
+            "aud": 0, "nal-hrd": "none", "intra-refresh": 0,
+            "rc-lookahead": 0, "sync-lookahead": 0, "sliced-threads": 1,
+            "threads": self._threads, "slices": self._threads, "level": p.level,
+            **_PROFILE_TOOLS[p.profile], **x264,
+        }
+        opts = {
+            "preset": self._preset, "tune": "zerolatency",
+            "profile": p.profile.value, "forced-idr": "1",
+            "x264-params": ":".join(f"{k}={v}" for k, v in x264.items()),
+            **opts,
+        }
+        return bit_rate, opts
+
+    def _threading(self, ctx) -> None:
+        ctx.thread_count = self._threads
+        ctx.thread_type = "SLICE"
+
+
+# H.265 table A.8 MaxLumaPs by level: x265 refuses to open below the picture's level (x264
+# just writes the level), so the sim codes the lowest level at or above the asked one that fits.
+_HEVC_MAX_LUMA_PS = ((1.0, 36_864), (2.0, 122_880), (2.1, 245_760), (3.0, 552_960),
+                     (3.1, 983_040), (4.0, 2_228_224), (4.1, 2_228_224), (5.0, 8_912_896),
+                     (5.1, 8_912_896), (5.2, 8_912_896), (6.0, 35_651_584), (6.1, 35_651_584),
+                     (6.2, 35_651_584))
+
+
+def _hevc_level(p: EncoderParams) -> str:
+    want = level_idc(p.level) / 10
+    fits = [lv for lv, ps in _HEVC_MAX_LUMA_PS if lv >= want and ps >= p.width * p.height]
+    return str(fits[0] if fits else _HEVC_MAX_LUMA_PS[-1][0])
+
+
+class SimHevcChannel(SimVideoChannel):
+    """An AVPU H.265 channel on libx265 (Main profile, Main or High tier)."""
+
+    CODEC, LIB, SYNTAX = Codec.HEVC, "libx265", HEVC
+    INPUT_FORMATS = frozenset({"yuv420p"})
+
+    def _config(self, p: EncoderParams) -> tuple[int, dict[str, str]]:
+        bit_rate, opts, rc = _RC_TABLE[p.rc_mode](p)
+        x265 = {
+            "keyint": p.gop, "min-keyint": p.gop, "scenecut": 0, "open-gop": 0, "bframes": 0,
+            "repeat-headers": 1, "annexb": 1, "aud": 0, "info": 0, "hrd": 0, "rc-lookahead": 0,
+            "frame-threads": 1, "pools": "none", "wpp": 0, "slices": 1, "log-level": "error",
+            "level-idc": _hevc_level(p), "high-tier": int(p.high_tier), **rc,
+        }
+        opts = {
+            "preset": self._preset, "tune": "zerolatency", "profile": "main", "forced-idr": "1",
+            "x265-params": ":".join(f"{k}={v}" for k, v in x265.items()), **opts,
+        }
+        return bit_rate, opts
 
 
 def _au_size(spans: list[NalSpan]) -> int:
@@ -418,8 +487,18 @@ class SimJpegChannel(EncoderChannel):
 
 # ---------------------------------------------------------------- the AVPU
 
+_warned: list[bool] = []
+
+
+def _log_no_x265() -> None:
+    if not _warned:
+        _warned.append(True)
+        log.warning("PyAV %s's FFmpeg has no libx265: H.265 (HEVC) is not offered", av.__version__)
+
+
 class SimAvpu(base.Encoder):
-    """Software AVPU: H.264 channels on libx264, JPEG channels on mjpeg.
+    """Software AVPU: H.264 channels on libx264, H.265 on libx265 (when PyAV has it),
+    JPEG channels on mjpeg.
 
     ``preset`` is x264's speed preset (ultrafast keeps 1080p real time on one
     core); ``threads`` is x264's slice threads per channel, X264_THREADS (one
@@ -434,6 +513,11 @@ class SimAvpu(base.Encoder):
                                                  threads=self.threads),
             Codec.JPEG: SimJpegChannel,
         }
+        if HAVE_X265:
+            self._factories[Codec.HEVC] = lambda p: SimHevcChannel(p, preset=self.preset)
+        else:
+            _log_no_x265()
+        self.codecs = frozenset(self._factories)
 
     def create_channel(self, params: EncoderParams) -> EncoderChannel:
         try:

@@ -17,7 +17,7 @@ import time
 from ctypes import byref
 from typing import Sequence
 
-from ..base import Backend, ChannelMode, Encoder, EncoderChannel, EncoderParams, SensorInfo
+from ..base import Backend, ChannelMode, Codec, Encoder, EncoderChannel, EncoderParams, SensorInfo
 from . import structs as st
 from .channel import FS_WIDTH_ALIGN, T31FrameChannel
 from .isp import T31Isp
@@ -44,6 +44,8 @@ class T31Encoder(Encoder):
     (only FrameSource bindings), so this backend does not offer M2M."""
 
     m2m = False
+    # H.265 is in every T31 SDK 1.1.x (IMP_ENC_PROFILE_HEVC_MAIN, the pack's h265NalType)
+    codecs = frozenset({Codec.H264, Codec.HEVC, Codec.JPEG})
 
     def create_channel(self, params: EncoderParams) -> EncoderChannel:
         raise T31Error("libimp 1.1.x cannot encode user frames (no M2M path); use the sim encoder")

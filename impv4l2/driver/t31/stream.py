@@ -26,8 +26,11 @@ __all__ = ["GOP_SAME_SCENE_CNT", "JPEG_CHN_BASE", "KEY_PACKS", "StreamHost", "T3
            "encoder_attr"]
 
 JPEG_CHN_BASE = 4  # SDK samples: JPEG encoder channel = 4 + frame channel
-PROFILES = {Profile.BASELINE: st.IMP_ENC_PROFILE_AVC_BASELINE, Profile.MAIN: st.IMP_ENC_PROFILE_AVC_MAIN,
-            Profile.HIGH: st.IMP_ENC_PROFILE_AVC_HIGH}
+# (codec, profile) -> IMPEncoderProfile; the AVPU codes HEVC in Main profile only
+PROFILES = {(Codec.H264, Profile.BASELINE): st.IMP_ENC_PROFILE_AVC_BASELINE,
+            (Codec.H264, Profile.MAIN): st.IMP_ENC_PROFILE_AVC_MAIN,
+            (Codec.H264, Profile.HIGH): st.IMP_ENC_PROFILE_AVC_HIGH,
+            **{(Codec.HEVC, p): st.IMP_ENC_PROFILE_HEVC_MAIN for p in Profile}}
 # uMaxSameSenceCnt: the 1.1.5/1.1.6 SetDefaultParam doc says "GOPLength = uGopLength *
 # uMaxSameSenceCnt" (the strongest source; the SDK 1.1.1 sample passes 2 without a word), so
 # 1 makes the IDR interval the GOP the client asked for.  One entry to change if hardware
@@ -36,9 +39,11 @@ GOP_SAME_SCENE_CNT = 1
 # How a pack says "this AU is a key frame", per codec: (member of the IMPEncoderPack nalType
 # union, its IDR NAL types, the IMPEncoderSliceType of an intra slice).  The union and
 # sliceType are the same in every T31 release (1.1.1 .. 1.1.6 imp_encoder.h); JPEG AUs are all
-# key frames.
+# key frames.  HEVC: IDR_W_RADL/IDR_N_LP, and CRA (a random access point; the AVPU codes IDRs).
 KEY_PACKS: dict[Codec, tuple[str, frozenset[int], int]] = {
     Codec.H264: ("h264NalType", frozenset({st.H264_NAL_IDR}), st.IMP_ENC_SLICE_I),
+    Codec.HEVC: ("h265NalType", frozenset({st.H265_NAL_IDR_W_RADL, st.H265_NAL_IDR_N_LP, st.H265_NAL_CRA}),
+                 st.IMP_ENC_SLICE_I),
 }
 
 
@@ -60,7 +65,7 @@ def encoder_attr(lib: LibImp, p: EncoderParams):
                 0, 0, qp, 0)
     else:
         qp = p.i_qp if p.rc_mode is RcMode.FIXQP else -1
-        args = (PROFILES[p.profile], int(p.rc_mode), p.width, p.height, p.fps_num, p.fps_den,
+        args = (PROFILES[p.codec, p.profile], int(p.rc_mode), p.width, p.height, p.fps_num, p.fps_den,
                 p.gop, GOP_SAME_SCENE_CNT, qp, p.bitrate // 1000)  # SDK bit rates are kbit/s
     lib.call("IMP_Encoder_SetDefaultParam", byref(attr), *args)
     rc = attr.rcAttr.attrRcMode
