@@ -22,6 +22,8 @@ Every other IMPV4L2_* variable of the host (e.g. IMPV4L2_TEST_TIMEOUT) is passed
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import json
 import os
@@ -137,6 +139,19 @@ def guest_deselect(config: pytest.Config, items: list[pytest.Item]) -> None:
 # host side
 
 
+@contextlib.contextmanager
+def machine_lock(kind: str):
+    """One guest of ``kind`` boots at a time on this machine: parallel test runs (several
+    worktrees) would otherwise share the 2 cores between TCG guests and time each other out."""
+    with open(f"/tmp/impv4l2-vm-{kind}.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"impv4l2: waiting for another {kind} guest to finish", file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def find_kernel() -> tuple[str, str] | str:
     """(image, release) of the kernel to boot, or a reason why there is none."""
     if image := os.environ.get("IMPV4L2_VM_KERNEL"):
@@ -221,6 +236,11 @@ class VMRun:
             print(f"impv4l2 VM stage: no v4l-utils 1.30 chroot: {trixie}", file=sys.stderr)
         cmd = self.command(vng, image, extra)
         env = dict(os.environ, PATH=f"{Path(vng).parent}:{os.environ.get('PATH', '')}")
+        with machine_lock("x86"):
+            self._boot(cmd, env)
+
+    def _boot(self, cmd: list[str], env: dict[str, str]) -> None:
+        assert self.log is not None
         start = time.monotonic()
         with open(self.log, "wb") as log:
             log.write(f"$ {shlex.join(cmd)}\n".encode())

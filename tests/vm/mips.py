@@ -326,42 +326,54 @@ def boot(cache: Path, command: str, *, memory_mb: int = 128, timeout: float = 60
         for tag, path, ro in virtfs:
             spec = f"local,path={str(path).replace(',', ',,')},mount_tag={tag},security_model=none"
             cmd += ["-virtfs", spec + (",readonly=on" if ro else "")]
-        t0 = time.monotonic()
-        lines: list[str] = []
-        started: list[float] = []
-        try:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        except OSError as e:
-            return 255, f"[impv4l2: cannot start qemu: {e}]\n"
+        with _machine_lock():  # one mipsel guest at a time on this machine (TCG: a core each)
+            return _run_qemu(cmd, outdir, timeout, timings)
 
-        def reader() -> None:
-            assert proc.stdout is not None
-            for raw in proc.stdout:
-                line = raw.decode(errors="replace").replace("\r", "")
-                if not started and line.startswith("IMPV4L2-START"):
-                    started.append(time.monotonic() - t0)
-                lines.append(line)
 
-        th = threading.Thread(target=reader, daemon=True)
-        th.start()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        th.join(5)
-        log = "".join(lines)
-        if timings is not None:
-            timings.update(total=time.monotonic() - t0, boot_to_command=started[0] if started else -1)
-        status = (outdir / EXIT_FILE).read_text().strip() if (outdir / EXIT_FILE).exists() else ""
-        if not status:
-            marks = re.findall(r"^IMPV4L2-EXIT=(\d+)$", log, re.M)
-            status = marks[-1] if marks else ""
-        if status:
-            return int(status), log
-        return (124, log + f"\n[impv4l2: timeout after {timeout:.0f} s]\n") if proc.returncode < 0 \
-            else (255, log + f"\n[impv4l2: qemu exited {proc.returncode} without a status]\n")
+def _machine_lock():
+    f = open("/tmp/impv4l2-vm-mips.lock", "a")
+    fcntl.flock(f, fcntl.LOCK_EX)
+    return f  # closing it (the with block's end) releases the lock
+
+
+def _run_qemu(cmd: list[str], outdir: Path, timeout: float,
+              timings: dict[str, float] | None) -> tuple[int, str]:
+    t0 = time.monotonic()
+    lines: list[str] = []
+    started: list[float] = []
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    except OSError as e:
+        return 255, f"[impv4l2: cannot start qemu: {e}]\n"
+
+    def reader() -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace").replace("\r", "")
+            if not started and line.startswith("IMPV4L2-START"):
+                started.append(time.monotonic() - t0)
+            lines.append(line)
+
+    th = threading.Thread(target=reader, daemon=True)
+    th.start()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    th.join(5)
+    log = "".join(lines)
+    if timings is not None:
+        timings.update(total=time.monotonic() - t0, boot_to_command=started[0] if started else -1)
+    status = (outdir / EXIT_FILE).read_text().strip() if (outdir / EXIT_FILE).exists() else ""
+    if not status:
+        marks = re.findall(r"^IMPV4L2-EXIT=(\d+)$", log, re.M)
+        status = marks[-1] if marks else ""
+    if status:
+        return int(status), log
+    return (124, log + f"\n[impv4l2: timeout after {timeout:.0f} s]\n") if proc.returncode < 0 \
+        else (255, log + f"\n[impv4l2: qemu exited {proc.returncode} without a status]\n")
 
 
 SMOKE = ("uname -m; python3 -c 'import struct,ctypes; print(struct.calcsize(\"P\")*8, "
