@@ -5,7 +5,7 @@
 Starts `impv4l2 serve --cuse off` on a temporary mount, fuzzes each node in turn from a client
 process, then checks the daemon is alive and logged no exception, and that each capture node
 still streams.  Prints a table: calls, calls/s, successes, the top errnos, out-of-spec errnos,
-daemon RSS before/after.  (In the VM, the CUSE door: tests/test_vm_fuzz.py.)
+daemon RSS before/after.  (In the VM, the CUSE door: tests/vm/test_vm_fuzz.py.)
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from impv4l2.fuse import CuseServer, FuseMount, cuse_available  # noqa: E402
-from fuse_echo_device import EchoDevice  # noqa: E402
+from support.fuse_echo_device import EchoDevice  # noqa: E402
 
 W, H = 640, 480
 FRAME = W * H * 2  # YUYV
@@ -29,7 +29,7 @@ FRAME = W * H * 2  # YUYV
 CLIENT = r"""
 import fcntl, json, mmap, os, struct, sys, termios, time
 sys.path.insert(0, {tests!r})
-from fuse_echo_device import ECHO, DQ, REGION_S
+from support.fuse_echo_device import ECHO, DQ, REGION_S
 what, path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 
 def stats(samples):

@@ -6,7 +6,9 @@
 - ``@pytest.mark.root`` tests skip (with the reason) when not root or /dev/fuse is missing.
 - Every test (host and guest) fails after IMPV4L2_TEST_TIMEOUT seconds (default 300, 0 = off)
   with all thread stacks in its captured stderr, so one hung client cannot eat the CI budget.
-- Fixtures for vm tests: ``vivid_device`` (the in-kernel reference capture node).
+- Fixtures: ``backend`` (a sim backend per module), ``loop_hw`` (hot-plug stand-in hardware),
+  ``vivid_device`` (vm tests: the in-kernel reference capture node).
+- Shared helpers live in tests/support/, client programs in tests/clients/.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ _load_vm_module("chroots")  # newer conformance tools (tests/vm/chroots.py), use
 served = _load_vm_module("served")  # the real daemon for vm tests (tests/vm/served.py)
 harness = _load_vm_module("harness")
 _load_vm_module("mips")  # the mipsel guest (tests/vm/mips.py)
-mips_stage = _load_vm_module("mips_stage")  # its boots for tests/test_mips.py, in the background
+mips_stage = _load_vm_module("mips_stage")  # its boots for tests/mips/test_mips.py, in the background
 _VM_RUN = pytest.StashKey["object"]()
 
 
@@ -122,6 +124,19 @@ def backend():
     b = load_backend("sim", fps=30)
     yield b
     b.close()
+
+
+@pytest.fixture
+def loop_hw():
+    """A loopN block device the test adds and removes: real uevents standing in for the T31's
+    devices (support.hardware.LoopHardware)."""
+    from support.hardware import LoopHardware
+
+    if os.geteuid() != 0 or not os.path.exists("/dev/loop-control"):
+        pytest.skip("needs root and /dev/loop-control")
+    hw = LoopHardware()
+    yield hw
+    hw.close()
 
 
 @pytest.fixture(scope="session")

@@ -23,14 +23,14 @@ from pathlib import Path
 
 import pytest
 
-from test_daemon_lifecycle import _serving, _start
-from test_fuse_mount import _open_as
+from support.daemon import serving, start_daemon
+from support.fuse_clients import open_as
+from support.paths import CLIENTS, ROOT
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0, reason="needs root and /dev/fuse")]
 
-ROOT = Path(__file__).resolve().parents[1]
-CLIENT = ROOT / "tests" / "clients" / "access_client.py"
+CLIENT = CLIENTS / "access_client.py"
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +45,9 @@ def daemon():
         mount = "{mount}"
         dev_links = false
     """))
-    proc = _start(cfg, log)
+    proc = start_daemon(cfg, log)
     try:
-        nodes = _serving(proc, log, 1)
+        nodes = serving(proc, log, 1)
         roles = dict((role, mount / name) for name, role in
                      (part.split(" (") for part in nodes.replace(")", "").split(", ")))
         yield roles, log
@@ -71,8 +71,8 @@ def test_outside_group_video_cannot_open(daemon):
     for role, path in roles.items():
         st = os.stat(path)
         assert (st.st_mode & 0o777, st.st_gid) == (0o660, video), role
-        assert _open_as(str(path), nobody, [nobody]) == "EACCES", role
-        assert _open_as(str(path), nobody, [nobody, video]) == "ok", role
+        assert open_as(str(path), nobody, [nobody]) == "EACCES", role
+        assert open_as(str(path), nobody, [nobody, video]) == "ok", role
 
 
 def test_ext_ctrl_pointers_are_read_in_the_calling_process(daemon):

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from impv4l2 import bundle, config, shim
+from support.paths import CLIENTS, ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-CAMERA_RUNTIME = ROOT / "tests" / "clients" / "camera_runtime.py"
+CAMERA_RUNTIME = CLIENTS / "camera_runtime.py"
 PYTHON3 = "/usr/bin/python3"  # the system's: no project, no venv
 BUSYBOX = shutil.which("busybox")
 CLEAN_ENV = {"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"}  # keep the bundles as built

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -12,7 +11,8 @@ import pytest
 
 from impv4l2 import __version__, config, daemon
 
-IMPV4L2 = [sys.executable, "-c", "import sys; from impv4l2.cli import main; sys.exit(main())"]
+from support.daemon import IMPV4L2
+
 
 
 def write(tmp_path: Path, text: str) -> str:

@@ -20,9 +20,10 @@ import pytest
 
 from impv4l2.daemon import remove_stale_links
 
+from support.daemon import free_base, serving, start_daemon
+from support.paths import CLIENTS, ROOT
+
 pytestmark = pytest.mark.root
-IMPV4L2 = [sys.executable, "-m", "impv4l2.cli"]
-SERVING = re.compile(r"serving (.*) with backend")
 
 
 def test_remove_stale_links_only_ours(tmp_path):
@@ -37,33 +38,10 @@ def test_remove_stale_links_only_ours(tmp_path):
     assert remove_stale_links("", str(dev)) == []
 
 
-def _free_base() -> int:
-    for base in range(40, 90, 5):
-        if not any(os.path.lexists(f"/dev/video{n}") for n in range(base, base + 5)):
-            return base
-    pytest.skip("no free /dev/videoN range")
-
-
-def _start(cfg: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([*IMPV4L2, "--config", str(cfg), "serve"], stdout=open(log, "ab"),
-                            stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
-
-
-def _serving(proc: subprocess.Popen, log: Path, count: int) -> str:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        found = SERVING.findall(log.read_text())
-        if len(found) >= count:
-            return found[count - 1]
-        assert proc.poll() is None, log.read_text()
-        time.sleep(0.1)
-    pytest.fail("daemon not serving:\n" + log.read_text())
-
-
 def test_kill9_then_restart_keeps_node_numbers(tmp_path):
     if not os.path.exists("/dev/fuse"):
         pytest.skip("needs /dev/fuse")
-    base, mount = _free_base(), tmp_path / "mnt"
+    base, mount = free_base(), tmp_path / "mnt"
     cfg, log = tmp_path / "impv4l2.toml", tmp_path / "daemon.log"
     cfg.write_text(textwrap.dedent(f"""
         [main]
@@ -75,18 +53,18 @@ def test_kill9_then_restart_keeps_node_numbers(tmp_path):
         cuse = "off"
         mount = "{mount}"
     """))
-    first = _start(cfg, log)
+    first = start_daemon(cfg, log)
     try:
-        nodes = _serving(first, log, 1)
+        nodes = serving(first, log, 1)
         link = f"/dev/video{base + 2}"
         assert "(encoder)" in nodes and f"video{base + 2} (encoder)" in nodes, nodes
         assert os.readlink(link) == f"{mount}/video{base + 2}"
         first.send_signal(signal.SIGKILL)
         first.wait(10)
         assert os.path.islink(link)  # left behind by the dead run
-        second = _start(cfg, log)
+        second = start_daemon(cfg, log)
         try:
-            assert _serving(second, log, 2) == nodes  # the same numbers
+            assert serving(second, log, 2) == nodes  # the same numbers
             assert "removed stale link" in log.read_text()
             assert os.readlink(link) == f"{mount}/video{base + 2}"
             assert (mount / f"video{base}").exists()  # the new mount serves
@@ -110,19 +88,19 @@ def _fuse_daemon(tmp_path: Path) -> tuple[Path, Path, subprocess.Popen]:
         mount = "{mount}"
         dev_links = false
     """))
-    return mount, log, _start(cfg, log)
+    return mount, log, start_daemon(cfg, log)
 
 
 def test_sigterm_during_an_encoder_drain_ends_the_wait(tmp_path):
     mount, log, daemon = _fuse_daemon(tmp_path)
     client = None
     try:
-        nodes = _serving(daemon, log, 1)
+        nodes = serving(daemon, log, 1)
         enc = re.search(r"(video\d+) \(encoder\)", nodes).group(1)
-        client = subprocess.Popen([sys.executable, str(Path(__file__).parent / "clients" / "soak_client.py"),
+        client = subprocess.Popen([sys.executable, str(CLIENTS / "soak_client.py"),
                                    "drain-parked", str(mount / enc), "0", "320", "240"], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True,
-                                  env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+                                  env=dict(os.environ, PYTHONPATH=str(ROOT)))
         assert client.stdout.readline().strip() == "draining", client.stderr.read()
         time.sleep(0.5)  # the DQBUF is parked in the daemon now
         assert client.poll() is None, "the drain ended by itself: nothing to test"
@@ -158,7 +136,7 @@ def test_signals_caught_by_a_worker_thread_are_handled(tmp_path):
     (the soak once waited 10 s for a stats line that never came)."""
     mount, log, daemon = _fuse_daemon(tmp_path)
     try:
-        _serving(daemon, log, 1)
+        serving(daemon, log, 1)
         workers = [int(t) for t in os.listdir(f"/proc/{daemon.pid}/task") if int(t) != daemon.pid]
         assert workers, "the daemon has no other thread: nothing to test"
         _tgkill(daemon.pid, workers[-1], signal.SIGUSR2)

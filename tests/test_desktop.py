@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support.paths import CLIENTS, ROOT
 
 pytestmark = [
     pytest.mark.root,
@@ -32,7 +33,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("unshare") is None or shutil.which("nsenter") is None,
                        reason="needs unshare and nsenter (util-linux)"),
 ]
-REPO = Path(__file__).resolve().parents[1]
 IMPV4L2 = [sys.executable, "-m", "impv4l2.cli"]
 SERVING = re.compile(r"serving (.*) with backend")
 NODE = re.compile(r"(video\d+) \((\w+)\)")
@@ -42,29 +42,13 @@ CAP_NOT_CAPTURE = {"VIDEO_OUTPUT": 0x2, "VIDEO_CAPTURE_MPLANE": 0x1000, "VIDEO_O
                    "VIDEO_M2M_MPLANE": 0x4000, "VIDEO_M2M": 0x8000, "VIDEO_OVERLAY": 0x4}
 
 # Run in the new namespace: a tmpfs over /dev with the nodes bind-mounted from the real one.
-PRIVATE_DEV = r"""
-set -e
-d=$(mktemp -d /tmp/impv4l2-devns.XXXXXX)
-mount -t tmpfs -o mode=755,nosuid devns "$d"
-for n in null zero full random urandom tty fuse; do
-    if [ -e /dev/$n ]; then touch "$d/$n"; mount --bind /dev/$n "$d/$n"; fi
-done
-mkdir "$d/shm" "$d/pts"
-mount -t tmpfs -o mode=1777,nosuid,nodev shm "$d/shm"
-mount --bind /dev/pts "$d/pts"
-ln -s /proc/self/fd "$d/fd"; ln -s fd/0 "$d/stdin"; ln -s fd/1 "$d/stdout"; ln -s fd/2 "$d/stderr"
-mount --move "$d" /dev
-rmdir "$d"
-echo ready
-exec sleep infinity
-"""
 
 
 class DevNamespace:
     """A mount namespace with a private /dev; commands run in it through nsenter."""
 
     def __init__(self) -> None:
-        self.holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", PRIVATE_DEV],
+        self.holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", str(CLIENTS / "private_dev.sh")],
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.holder.stdout.readline().strip()
         if line != "ready":
@@ -121,7 +105,7 @@ class Serve:
         """Start and wait until serving; returns role -> videoN."""
         with open(self.log, "ab") as out:
             self.proc = self.ns.popen([*IMPV4L2, "--config", str(self.cfg), "serve"], stdout=out,
-                                      stderr=subprocess.STDOUT, cwd=REPO)
+                                      stderr=subprocess.STDOUT, cwd=ROOT)
         self.starts += 1
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -149,21 +133,12 @@ def serve(ns, tmp_path):
     s.kill()
 
 
-QUERYCAP = r"""
-import fcntl, json, struct, sys
-buf = bytearray(104)  # struct v4l2_capability
-with open(sys.argv[1], "rb", buffering=0) as f:
-    fcntl.ioctl(f, 0x80685600, buf)  # VIDIOC_QUERYCAP
-driver, card, bus, version, caps, dcaps = struct.unpack_from("16s32s32sIII", buf)
-print(json.dumps({"driver": driver.rstrip(b"\0").decode(), "card": card.rstrip(b"\0").decode(),
-                  "capabilities": caps, "device_caps": dcaps}))
-"""
 
 
 def querycap(ns: DevNamespace, path: str) -> dict:
     """QUERYCAP of ``path`` (v4l2-ctl refuses a node that is no character device: it looks
     for it in /sys/dev/char; ffmpeg and Chromium only open and ask)."""
-    return json.loads(ns.run([sys.executable, "-c", QUERYCAP, path], check=True).stdout)
+    return json.loads(ns.run([sys.executable, str(CLIENTS / "querycap.py"), path], check=True).stdout)
 
 
 def test_every_node_linked_and_usable_through_dev(ns, serve, tmp_path):

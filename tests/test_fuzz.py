@@ -4,7 +4,7 @@
 change; benchmarks/bench_fuzz.py runs 10^6): the daemon side never raises (no EIO, no
 logged exception), answers only errnos the V4L2 spec names for each ioctl, and every node
 still works afterwards — the capture nodes stream, the encoder encodes.  The CUSE door
-gets the same fuzzer in the VM (tests/test_vm_fuzz.py).
+gets the same fuzzer in the VM (tests/vm/test_vm_fuzz.py).
 """
 
 from __future__ import annotations
@@ -14,22 +14,19 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 
 from impv4l2.driver import load_backend
-from impv4l2.v4l2.capture import CaptureNode
 from impv4l2.v4l2.encoder import EncoderNode
 
-from encoder_client import M2MClient, make_frame, texture
+from support.encoder_client import M2MClient, make_frame, texture
+from support.mounted import capture_nodes, served_on_mount
+from support.paths import CLIENTS, ROOT
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0, reason="needs root and /dev/fuse")]
 
-CLIENTS = Path(__file__).resolve().parent / "clients"
-ROOT = Path(__file__).resolve().parents[1]
 CALLS = int(os.environ.get("IMPV4L2_FUZZ_CALLS", "50000"))
 SEEDS = {"main": 1, "sub": 2, "encoder": 3}  # reproducible: the same calls every run
 
@@ -41,23 +38,12 @@ def run_client(name: str, *args: str, timeout: float = 600) -> subprocess.Comple
 
 @pytest.fixture(scope="module")
 def served():
-    from impv4l2.fuse.mount import FuseMount
-
     backend = load_backend("sim", fps=30)
-    d = tempfile.mkdtemp(prefix="impv4l2-fuzz-")
-    mount = FuseMount(os.path.join(d, "mnt"))
-    mount.start()
-    nodes = {"main": CaptureNode("video10", backend, backend.channels[0]),
-             "sub": CaptureNode("video11", backend, backend.channels[1]),
-             "encoder": EncoderNode("video12", backend)}
-    paths = {role: mount.add(n) for role, n in nodes.items()}
-    yield nodes, paths
-    mount.stop()
-    for n in nodes.values():
-        n.close()
+    main, sub = capture_nodes(backend)
+    nodes = {"main": main, "sub": sub, "encoder": EncoderNode("video12", backend)}
+    with served_on_mount(list(nodes.values()), "impv4l2-fuzz-") as paths:
+        yield nodes, dict(zip(nodes, paths))
     backend.close()
-    os.rmdir(os.path.join(d, "mnt"))
-    os.rmdir(d)
 
 
 @pytest.mark.parametrize("role", ["main", "sub", "encoder"])

@@ -9,24 +9,18 @@ in the VM (test_vm_udev.py).
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import os
 import signal
-import subprocess
 import sys
-import textwrap
-import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from impv4l2 import config, hotplug, uevent
 
-IMPV4L2 = [sys.executable, "-c", "import sys; from impv4l2.cli import main; sys.exit(main())"]
-LOOP_CTL_ADD, LOOP_CTL_REMOVE = 0x4C80, 0x4C81
+from support.daemon import (DaemonProc, StreamingClient, fd_count, mounts_under, nodes_in, task_count,
+                            wait_for)
+
 
 
 # ---------------------------------------------------------------- pure logic
@@ -153,55 +147,6 @@ def test_resolve(backend, enable, devices, expect):
 
 # ---------------------------------------------------------------- loop devices
 
-class LoopHardware:
-    """A block device loopN that tests add and remove (real uevents)."""
-
-    def __init__(self):
-        self.ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
-        self.number = next(n for n in range(230, 1000) if not os.path.exists(f"/sys/block/loop{n}"))
-        self.name = f"loop{self.number}"
-        self.present = False
-
-    def add(self) -> None:
-        fcntl.ioctl(self.ctl, LOOP_CTL_ADD, self.number)
-        self.present = True
-
-    def remove(self) -> None:
-        for _ in range(50):  # EBUSY while udev's workers still have it open
-            try:
-                fcntl.ioctl(self.ctl, LOOP_CTL_REMOVE, self.number)
-                break
-            except OSError as e:
-                if e.errno != errno.EBUSY:
-                    raise
-                time.sleep(0.05)
-        self.present = False
-
-    def close(self) -> None:
-        if self.present:
-            self.remove()
-        os.close(self.ctl)
-
-
-@pytest.fixture
-def loop_hw():
-    if os.geteuid() != 0 or not os.path.exists("/dev/loop-control"):
-        pytest.skip("needs root and /dev/loop-control")
-    hw = LoopHardware()
-    yield hw
-    hw.close()
-
-
-def wait_for(pred, timeout: float, what: str, step: float = 0.02):
-    """Poll ``pred`` until truthy; fail naming ``what`` after ``timeout`` s. Returns the time taken."""
-    t0 = time.monotonic()
-    while not pred():
-        if time.monotonic() - t0 > timeout:
-            pytest.fail(f"{what}: not within {timeout} s")
-        time.sleep(step)
-    return time.monotonic() - t0
-
-
 @pytest.fixture
 def no_pyudev(monkeypatch):
     """``import pyudev`` fails, as on the camera: the kernel source must not need it."""
@@ -241,169 +186,6 @@ def test_monitor_sees_existing_device(loop_hw, no_pyudev):
 
 
 # ---------------------------------------------------------------- the daemon
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def task_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/task"))
-
-
-def mounts_under(path: str) -> list[str]:
-    with open("/proc/mounts") as f:
-        return [line.split()[1] for line in f if line.split()[1].startswith(path)]
-
-
-class DaemonProc:
-    """``impv4l2 serve`` in a subprocess with a config file written by the test."""
-
-    def __init__(self, tmp: Path, devices: list[str], mount: str, cuse: str = "off", extra: str = ""):
-        self.tmp = tmp
-        self.mount = mount
-        self.config = tmp / "impv4l2.toml"
-        self.log = tmp / "daemon.log"
-        self.write_config(devices, cuse, extra)
-        self.proc: subprocess.Popen | None = None
-
-    def write_config(self, devices, cuse="off", extra="", log_level="info", bitrate=2000000, base=10):
-        self.config.write_text(textwrap.dedent(f"""
-            backend = "sim"
-            log_level = "{log_level}"
-            [main]
-            width = 640
-            height = 360
-            fps = 10
-            [sub]
-            width = 320
-            height = 180
-            fps = 10
-            [nodes]
-            base = {base}
-            [encoder]
-            bitrate = {bitrate}
-            [transport]
-            cuse = "{cuse}"
-            mount = "{self.mount}"
-            dev_links = false
-            [hotplug]
-            enable = "on"
-            devices = {list(devices)!r}
-        """).replace("'", '"') + extra)
-
-    def start(self) -> "DaemonProc":
-        self.logf = open(self.log, "ab")
-        self.proc = subprocess.Popen([*IMPV4L2, "--config", str(self.config), "serve"],
-                                     stdout=self.logf, stderr=subprocess.STDOUT)
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def text(self) -> str:
-        return self.log.read_text()
-
-    def wait_log(self, needle: str, timeout: float = 10, start: int = 0) -> int:
-        wait_for(lambda: needle in self.text()[start:] or self.proc.poll() is not None, timeout,
-                 f"log line {needle!r}")
-        assert needle in self.text()[start:], self.text()
-        return len(self.text())
-
-    def wait_serving(self, timeout: float, count: int = 1) -> None:
-        """Until the daemon has logged its ``count``-th complete bring-up (all nodes served)."""
-        wait_for(lambda: self.text().count(" with backend ") >= count or self.proc.poll() is not None,
-                 timeout, "daemon serving its nodes")
-        assert self.proc.poll() is None, self.text()
-
-    def stop(self) -> float:
-        """SIGTERM; returns seconds until the process exited."""
-        if self.proc is None or self.proc.poll() is not None:
-            return 0.0
-        t0 = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-            pytest.fail("daemon ignored SIGTERM for 10 s:\n" + self.text())
-        self.logf.close()
-        return time.monotonic() - t0
-
-
-def nodes_in(mount: str) -> set[str]:
-    try:
-        return {n for n in os.listdir(mount) if n.startswith("video")}
-    except OSError:
-        return set()
-
-
-# A streaming client in its own process: USERPTR streaming (works on FUSE files
-# and CUSE nodes alike); prints "frames" after 3 frames, then "error <ERRNO>"
-# when a call fails.
-CLIENT = r"""
-import ctypes, errno, fcntl, os, sys, time
-from linuxpy.video import raw
-from impv4l2.v4l2 import abi
-CAP, UPTR = raw.BufType.VIDEO_CAPTURE, raw.Memory.USERPTR
-def ioc(name, s):
-    fcntl.ioctl(fd, abi.VIDIOC[name], s)
-fd = os.open(sys.argv[1], os.O_RDWR)
-n = 0
-try:
-    f = raw.v4l2_format(); f.type = CAP; ioc("G_FMT", f)
-    size = f.fmt.pix.sizeimage
-    r = raw.v4l2_requestbuffers(); r.count, r.type, r.memory = 2, CAP, UPTR; ioc("REQBUFS", r)
-    mem = [ctypes.create_string_buffer(size) for _ in range(r.count)]
-    def qbuf(i):
-        b = raw.v4l2_buffer(); b.index, b.type, b.memory = i, CAP, UPTR
-        b.m.userptr, b.length = ctypes.addressof(mem[i]), size
-        ioc("QBUF", b)
-    for i in range(r.count):
-        qbuf(i)
-    ioc("STREAMON", ctypes.c_int(CAP))
-    while True:
-        b = raw.v4l2_buffer(); b.type, b.memory = CAP, UPTR
-        ioc("DQBUF", b)
-        n += 1
-        if n == 3:
-            print("frames", flush=True)
-        qbuf(b.index)
-except OSError as e:
-    print("error", errno.errorcode.get(e.errno, e.errno), n, time.monotonic(), flush=True)
-"""
-
-
-class StreamingClient:
-    def __init__(self, path: str):
-        self.proc = subprocess.Popen([sys.executable, "-c", CLIENT, path], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line.strip())
-
-    def wait_line(self, prefix: str, timeout: float) -> str:
-        wait_for(lambda: any(x.startswith(prefix) for x in self.lines) or self.proc.poll() is not None,
-                 timeout, f"client output {prefix!r}")
-        self._reader.join(0.2)
-        hits = [x for x in self.lines if x.startswith(prefix)]
-        assert hits, f"client said {self.lines}, stderr {self.proc.stderr.read() if self.proc.poll() is not None else ''}"
-        return hits[0]
-
-    def close(self) -> None:
-        # A client stuck inside a FUSE request dies only when the daemon answers
-        # or its connection ends (daemon teardown): do not wait for it here.
-        if self.proc.poll() is None:
-            self.proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(2)
-
 
 @pytest.fixture
 def daemon(tmp_path, loop_hw):

@@ -14,7 +14,8 @@ import pytest
 
 from impv4l2 import install
 
-IMPV4L2 = [sys.executable, "-c", "import sys; from impv4l2.cli import main; sys.exit(main())"]
+from support.daemon import IMPV4L2
+
 RULES = "etc/udev/rules.d/70-impv4l2.rules"
 UNIT = "etc/systemd/system/impv4l2.service"
 

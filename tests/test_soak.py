@@ -12,14 +12,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from support.paths import ROOT
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0, reason="needs root and /dev/fuse")]
 
-ROOT = Path(__file__).resolve().parents[1]
 MINUTES = float(os.environ.get("IMPV4L2_SOAK_MINUTES", "2"))
 
 

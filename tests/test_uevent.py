@@ -1,7 +1,7 @@
 """The standard-library uevent source (impv4l2/uevent.py) against the real kernel.
 
 Real messages are triggered through sysfs (writing "change" to a device's
-``uevent`` file) and with loop devices (test_hotplug.LoopHardware); pyudev, on
+``uevent`` file) and with loop devices (support.hardware.LoopHardware, the loop_hw fixture); pyudev, on
 this x86 host, is only the reference for what enumeration must find.
 """
 
@@ -13,17 +13,15 @@ import select
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 
 import pytest
 
-import test_hotplug
 from impv4l2 import hotplug, uevent
-from test_hotplug import wait_for
+from support.daemon import wait_for
+from support.paths import CLIENTS
 
-loop_hw = test_hotplug.loop_hw  # the fixture: a loopN block device the test adds and removes
 
 NULL_UEVENT = "/sys/class/mem/null/uevent"
 NULL_DEVPATH = "/devices/virtual/mem/null"
@@ -103,17 +101,7 @@ def test_unprivileged_socket_falls_back_to_so_rcvbuf():
     works, and anyone may listen to the kernel's group."""
     if os.geteuid() != 0:
         pytest.skip("needs root to drop to another uid")
-    code = textwrap.dedent("""
-        import os
-        from impv4l2 import uevent  # first: nobody may not read this tree or the venv
-        os.setgid(65534); os.setuid(65534)
-        with uevent.UeventSocket() as s:
-            try:
-                s._sock.setsockopt(uevent.socket.SOL_SOCKET, uevent.SO_RCVBUFFORCE, 1 << 20)
-            except PermissionError:
-                print(s.rcvbuf, open("/proc/sys/net/core/rmem_max").read().strip())
-    """)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+    res = subprocess.run([sys.executable, str(CLIENTS / "uevent_rcvbuf.py")], capture_output=True, text=True, timeout=30,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert res.returncode == 0, res.stderr
     got, rmem_max = map(int, res.stdout.split())
@@ -249,22 +237,11 @@ def test_enumeration_of_an_old_sysfs_layout(tmp_path):
 
 # ---------------------------------------------------------------- without pyudev
 
-FOLLOWER = r"""
-import sys
-sys.modules["pyudev"] = None  # as on the camera: any `import pyudev` fails
-from impv4l2 import hotplug
-mon = hotplug.HotplugMonitor([sys.argv[1]], lambda p, d: print("change", p, d, flush=True))
-print("start", mon.start(), flush=True)
-sys.stdin.readline()
-mon.stop()
-maps = open("/proc/self/maps").read()
-print("stopped", "libudev" in maps, sys.modules["pyudev"], flush=True)
-"""
 
 
 @pytest.mark.root
 def test_monitor_without_pyudev_follows_the_hardware(loop_hw):
-    proc = subprocess.Popen([sys.executable, "-c", FOLLOWER, loop_hw.name], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, str(CLIENTS / "hotplug_follower.py"), loop_hw.name], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -5,7 +5,7 @@ numpy, PyAV or pyudev).  The driver comes from the camera bundle mounted at ``--
 (``impv4l2 bundle --arch mipsel``), never from the source tree; libimp is the project's fake
 cross-compiled for mipsel.  Each check is one row of CHECKS; its result (ok, detail, numbers,
 seconds) goes to ``<out>/results.json`` as soon as it ends, so a guest that dies midway still
-reports what ran.  tests/test_mips.py turns the rows into pytest results on the host.
+reports what ran.  tests/mips/test_mips.py turns the rows into pytest results on the host.
 
     python3 guest.py --set main|small --bundle /opt/impv4l2 --fake /opt/fake --out /out
 """

@@ -1,6 +1,6 @@
 """The MIPS stage's host side: prepare the guest's /opt and run its boots in the background.
 
-tests/test_mips.py asks :func:`stage` for a boot's results.  conftest calls :func:`start` right
+tests/mips/test_mips.py asks :func:`stage` for a boot's results.  conftest calls :func:`start` right
 after collection when mips tests are selected, so the two boots (TCG: one host core, ~7 min)
 run while the host tests use the other core, not after them; the x86 VM stage boots later, on
 the first vm test, by which time the MIPS boots are usually done.  Without :func:`start` (a

@@ -182,7 +182,7 @@ STRUCT_NAMES = (
 
 # The vendor's structs per T31 SDK release, as data: the vendor name -> our class where that
 # release differs from 1.1.1 (every other struct of STRUCT_NAMES is 1.1.1's, offsets and size;
-# tests/test_t31_structs.py holds the values compiled from each release's headers).
+# tests/driver/t31/test_t31_structs.py holds the values compiled from each release's headers).
 SDK_STRUCTS: dict[str, dict[str, str]] = {
     "1.1.1": {},
     "1.1.2": {},
