@@ -403,7 +403,16 @@ class Daemon:
             "memfd_bytes": {d.name: d.memory.size for d in self.nodes.values() if d.memory is not None},
             "threads": threading.active_count(),
             "fds": len(os.listdir("/proc/self/fd")),
+            "channels": self._channel_stats(),
+            "sensor_overruns": self.backend.overruns if self.backend is not None else 0,
         }
+
+    def _channel_stats(self) -> dict:
+        """Per frame channel: its consumers and the encoder channels running on it (fan-out)."""
+        hubs = {id(h): h for h in (getattr(d, "hub", None) for d in self.nodes.values()) if h is not None}
+        return {h.channel.role: {"consumers": h.consumers(), "encoders_opened": h.encoders_opened,
+                                 "encoders": {c.value: n for c, n in h.encoders.items()}}
+                for h in hubs.values()}
 
     def run(self) -> int:
         """Serve until SIGINT/SIGTERM; SIGHUP reloads the configuration."""

@@ -352,6 +352,12 @@ class Backend(abc.ABC):
     motion: MotionSource | None = None
     light_meter: LightMeter | None = None
 
+    @property
+    def overruns(self) -> int:
+        """Sensor frames lost because the pipeline was late for them (every consumer of the
+        channel misses them alike; 0 where the backend cannot tell)."""
+        return 0
+
     def set_lost_callback(self, lost: Callable[[str], None]) -> None:
         """Called (with a reason) when the hardware disappears (hot-plug)."""
         self._lost = lost

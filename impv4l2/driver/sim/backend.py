@@ -70,6 +70,10 @@ class SimBackend(Backend):
     def encoder(self, value: Encoder) -> None:
         self._encoder = value
 
+    @property
+    def overruns(self) -> int:
+        return self.clock.skipped
+
     def set_scene(self, moving: bool | None = None, light: float | None = None) -> None:
         """Change what the sensor sees (the synthetic scene; a file's motion is its own)."""
         scene = self.scene
