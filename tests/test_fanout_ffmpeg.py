@@ -47,7 +47,7 @@ class Served:
         if base is None:
             pytest.skip("no free /dev/videoN range")
         self.mount, self.log = tmp / "mnt", tmp / "daemon.log"
-        cfg = tmp / "impv4l2.toml"
+        self.cfg = cfg = tmp / "impv4l2.toml"
         cfg.write_text(textwrap.dedent(f"""
             [main]
             nodes = 3
@@ -173,6 +173,14 @@ def gaps(counters: list[int]) -> int:
 def wait(proc: subprocess.Popen, timeout: float = 300) -> None:
     _, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, err
+
+
+def test_list_shows_the_roles(served):
+    out = subprocess.run([*IMPV4L2, "--config", str(served.cfg), "list", "--json"], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    roles = {n["name"]: n["role"] for n in json.loads(out)}
+    assert sorted(roles.values()) == ["encoder", "main", "main-2", "main-3", "sub", "sub-2", "sub-3"]
+    assert all(roles[name] == role for role, name in served.name.items())
 
 
 def test_nv12_1080p_on_main_and_h264_on_main_2_at_once(served, tmp_path):

@@ -138,7 +138,10 @@ class _SharedEncoder(EncoderChannel):
 
     def __init__(self, port: "ChannelPort", fan: Fanout):
         self._port, self._fan = port, fan
-        self.params = fan.encoder.params
+
+    @property
+    def params(self) -> EncoderParams:  # type: ignore[override]
+        return self._fan.encoder.params  # the channel's, as changes reach it
 
     def encode(self, nv12: memoryview, timestamp_ns: int) -> EncodedFrame:
         raise RuntimeError("a bound encoder channel takes its frames from the frame channel")
@@ -150,7 +153,7 @@ class _SharedEncoder(EncoderChannel):
         self._fan.encoder.update(**changes)
 
     def close(self) -> None:
-        self._port.hub.leave_encoded(self._port, self.params.codec)
+        self._port.hub.leave_encoded(self._port, self._fan.encoder.params.codec)
 
 
 class ChannelHub:

@@ -53,7 +53,11 @@ class _BoundEncoder(EncoderChannel):
 
     def __init__(self, channel: "SimFrameChannel", encoder: EncoderChannel):
         self._channel, self._encoder = channel, encoder
-        self.params = encoder.params
+        self._codec = encoder.params.codec
+
+    @property
+    def params(self) -> EncoderParams:  # type: ignore[override]
+        return self._encoder.params  # the AVPU channel's, as changes reach it
 
     def encode(self, nv12, timestamp_ns):
         return self._encoder.encode(nv12, timestamp_ns)
@@ -68,7 +72,7 @@ class _BoundEncoder(EncoderChannel):
         self._encoder.update(**changes)
 
     def close(self) -> None:
-        self._channel.stop_encoded(self.params.codec)
+        self._channel.stop_encoded(self._codec)
 
     def __getattr__(self, name: str):  # the AVPU channel's own attributes (counters, state)
         return getattr(self._encoder, name)
@@ -97,7 +101,10 @@ class SimFrameChannel(FrameChannel):
         self._ticking = False
         self._first_frame = 0
         self._next_seq = 0
-        self.renders = 0  # pictures rendered (a benchmark's proof of one render per frame)
+        # channel frames that came due, and pictures rendered for them: one render per frame
+        # however many consumers (what tests and benchmarks/bench_fanout.py check)
+        self.frames_due = 0
+        self.renders = 0
 
     # ---------------------------------------------------------------- modes
 
@@ -204,6 +211,7 @@ class SimFrameChannel(FrameChannel):
             if seq < self._next_seq:
                 return
             self._next_seq = seq + 1
+            self.frames_due += 1
             raw = self._raw.get_buffer() if self._raw is not None else None
             if raw is not None and raw.view.nbytes < self.frame_bytes:
                 log.error("%s: sink buffer of %d bytes < frame of %d",
