@@ -67,6 +67,7 @@ class Fanout:
         self.encoder: EncoderChannel | None = None  # the shared encoder channel, if compressed
         self.frames = 0  # frames the producer completed
         self.copies = 0  # frame copies made for members beyond the first
+        self._idr_asked = False  # an IDR was requested and has not come yet: ask no more
         self._lock = threading.Lock()
 
     def add(self, member: _Member) -> None:
@@ -101,6 +102,8 @@ class Fanout:
     def frame_done(self, buf: FrameBuffer, info: FrameInfo) -> None:
         got: list[tuple[_Member, FrameBuffer]] = buf.token
         self.frames += 1
+        if info.keyframe:
+            self._idr_asked = False
         src, n = got[0][1].view, info.bytesused
         deliver = []
         for i, (m, b) in enumerate(got):
@@ -127,8 +130,11 @@ class Fanout:
         for m, b in buf.token:
             m.sink.cancel(b)
 
-    def request_idr(self) -> None:
-        if self.encoder is not None:
+    def request_idr(self, force: bool = False) -> None:
+        """Ask the encoder for an IDR, once until it comes (a slow client missing several
+        AUs in a row must not make every frame an IDR for all); ``force``: a control's."""
+        if self.encoder is not None and (force or not self._idr_asked):
+            self._idr_asked = True
             self.encoder.request_idr()
 
 
@@ -147,7 +153,7 @@ class _SharedEncoder(EncoderChannel):
         raise RuntimeError("a bound encoder channel takes its frames from the frame channel")
 
     def request_idr(self) -> None:
-        self._fan.request_idr()
+        self._fan.request_idr(force=True)
 
     def update(self, **changes) -> None:
         self._fan.encoder.update(**changes)
