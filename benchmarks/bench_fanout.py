@@ -37,9 +37,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from _common import cpu_seconds  # noqa: E402
-from bench_cpu_per_frame import (B_INDEX, B_SEQ, BUF, CAPTURE, FMT_OFF, FMT_SIZE, FIELD_NONE,  # noqa: E402
-                                 FOURCC, MMAP, PIX, QBUF, DQBUF, REQ, REQBUFS, S_FMT, STREAMOFF,
-                                 STREAMON, _ioctl, v4l2_buffer)
+from bench_cpu_per_frame import (B_INDEX, B_SEQ, BUF, CAPTURE, DQBUF, MMAP, QBUF, REQ, REQBUFS,  # noqa: E402
+                                 STREAMOFF, _ioctl, start_capture, v4l2_buffer)
 
 
 class Client(threading.Thread):
@@ -63,16 +62,7 @@ class Client(threading.Thread):
     def _run(self) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         try:
-            fmt = bytearray(FMT_SIZE)
-            struct.pack_into("@I", fmt, 0, CAPTURE)
-            PIX.pack_into(fmt, FMT_OFF, self.w, self.h, struct.unpack("<I", FOURCC[self.fourcc])[0],
-                          FIELD_NONE, *[0] * 8)
-            _ioctl(fd, S_FMT, fmt)
-            n = REQ.unpack(_ioctl(fd, REQBUFS, REQ.pack(8, CAPTURE, MMAP, 0, 0)))[0]
-            empty = [v4l2_buffer(i) for i in range(n)]
-            for b in empty:
-                _ioctl(fd, QBUF, b)
-            _ioctl(fd, STREAMON, struct.pack("@I", CAPTURE))
+            empty = start_capture(fd, self.fourcc, self.w, self.h, count=8)
             for _ in range(5):  # warm up: the stream runs
                 self._one(fd, empty)
             self.ready.wait(60)
