@@ -63,3 +63,16 @@ def test_fanout_nodes_get_numbers_after_their_channel(monkeypatch):
     names = daemon.allocate_names(["main", "main-2", "sub", "sub-2", "encoder"], nodes)
     assert names == {"main": "video10", "main-2": "video12", "sub": "video13", "sub-2": "video20",
                      "encoder": "video14"}
+
+
+@pytest.mark.parametrize("card,bus,role", [
+    ("impv4l2 main (sim)", "platform:impv4l2-main", "main"),
+    ("impv4l2 main-2 (t31)", "platform:impv4l2-main-2", "main-2"),
+    ("impv4l2 sub-3 (sim)", "platform:impv4l2-sub-3", "sub-3"),
+    ("impv4l2 sub (sim)", "platform:impv4l2-sub", "sub"),
+    ("UVC Camera", "usb-0000:00:14.0-1", "main"),
+])
+def test_role_of_a_node_names_its_fanout_role(card, bus, role):
+    """What `impv4l2 list` shows and udev's by-id links are named after."""
+    from impv4l2.install import role_of
+    assert role_of(card, bus, 0) == role

@@ -74,11 +74,12 @@ class Fanout:
         with self._lock:
             self.members.append(member)
 
-    def remove(self, port: "ChannelPort") -> bool:
-        """Drop ``port``'s member; True when no member is left."""
+    def has(self, port: "ChannelPort") -> bool:
+        return any(m.port is port for m in self.members)
+
+    def remove(self, port: "ChannelPort") -> None:
         with self._lock:
             self.members = [m for m in self.members if m.port is not port]
-            return not self.members
 
     # ---------------------------------------------------------------- FrameSink (backend thread)
 
@@ -241,21 +242,27 @@ class ChannelHub:
                     fan.request_idr()
             return _SharedEncoder(port, fan)
 
+    # The last consumer stops the producer before it leaves: a producer that found no
+    # consumer meanwhile would take it for a client without a buffer (t31: an IDR request).
     def leave_raw(self, port: "ChannelPort") -> None:
         with self._lock:
             fan = self._raw
-            if fan is None or not fan.remove(port):
+            if fan is None or not fan.has(port):
                 return
-            self._raw = None
-            self.channel.stop_raw()
+            if len(fan.members) == 1:
+                self._raw = None
+                self.channel.stop_raw()
+            fan.remove(port)
 
     def leave_encoded(self, port: "ChannelPort", codec: Codec) -> None:
         with self._lock:
             fan = self._streams.get(codec)
-            if fan is None or not fan.remove(port):
+            if fan is None or not fan.has(port):
                 return
-            del self._streams[codec]
-            fan.encoder.close()
+            if len(fan.members) == 1:
+                del self._streams[codec]
+                fan.encoder.close()
+            fan.remove(port)
 
     def leave(self, port: "ChannelPort") -> None:
         with self._lock:
