@@ -59,8 +59,7 @@ class Fanout:
     other members lent, then completes each (or cancels it for a member waiting for a
     key frame)."""
 
-    def __init__(self, hub: "ChannelHub", label: str, inter: bool = False):
-        self.hub = hub
+    def __init__(self, label: str, inter: bool = False):
         self.label = label
         self.inter = inter  # compressed with inter prediction: members join at key frames
         self.members: list[_Member] = []
@@ -106,11 +105,11 @@ class Fanout:
         if info.keyframe:
             self._idr_asked = False
         src, n = got[0][1].view, info.bytesused
-        deliver = []
+        deliver, cancel = [], []
         for i, (m, b) in enumerate(got):
             if m.waiting_key:
                 if info.error or not info.keyframe:
-                    m.sink.cancel(b)  # stays queued for this member's first key frame
+                    cancel.append((m, b))  # stays queued for this member's first key frame
                     continue
                 m.waiting_key = False
             if m.base is None:
@@ -126,6 +125,8 @@ class Fanout:
         for m, b, mine in deliver:  # after every copy: the first buffer is the source
             b.sequence = mine.sequence
             m.sink.frame_done(b, mine)
+        for m, b in cancel:
+            m.sink.cancel(b)
 
     def cancel(self, buf: FrameBuffer) -> None:
         for m, b in buf.token:
@@ -215,7 +216,7 @@ class ChannelHub:
                     raise RuntimeError(f"{self.channel.role}: raw capture already started")
                 fan.add(self._member(fan, port, sink))
                 return
-            fan = Fanout(self, f"{self.channel.role} raw")
+            fan = Fanout(f"{self.channel.role} raw")
             fan.add(self._member(None, port, sink))
             self.channel.start(fan)
             self._raw = fan
@@ -225,7 +226,7 @@ class ChannelHub:
         with self._lock:
             fan = self._streams.get(codec)
             if fan is None:
-                fan = Fanout(self, f"{self.channel.role} {codec.value}", inter=codec in INTER_CODECS)
+                fan = Fanout(f"{self.channel.role} {codec.value}", inter=codec in INTER_CODECS)
                 fan.add(self._member(None, port, sink))
                 fan.encoder = self.channel.start_encoded(params, fan)
                 self._streams[codec] = fan
