@@ -1,7 +1,10 @@
-"""The capture node: one per frame channel (``main``, ``sub``).
+"""The capture node: one or more per frame channel (``main``, ``main-2`` ..., ``sub`` ...).
 
 ``CaptureNode(name, backend, channel)`` is a :class:`impv4l2.fileops.Device`
 a transport serves as ``/dev/videoN`` (CUSE) or ``<mount>/videoN`` (FUSE).
+Every node of a channel consumes it through the channel's
+:class:`~impv4l2.driver.fanout.ChannelHub` (fan-out: one frame delivery and one
+encoder channel per format, whatever the number of nodes streaming).
 
 Frames: NV12 is written by the backend straight into the client's buffer
 (MMAP: the memfd region the client maps; USERPTR: the buffer's memfd
