@@ -114,15 +114,15 @@ class Daemon:
                 raise SystemExit("daemon did not start:\n" + self.log.read_text())
             time.sleep(0.1)
 
-    def channels(self) -> dict:
-        """The main channel's stats (SIGUSR2 logs them at info: read the counters line)."""
+    def stats(self) -> dict:
+        """The daemon's counters (SIGUSR2 logs them at info: read the counters line)."""
         before = self.log.read_text().count("stats: {")
         self.proc.send_signal(signal.SIGUSR2)
         deadline = time.monotonic() + 10
         while self.log.read_text().count("stats: {") == before and time.monotonic() < deadline:
             time.sleep(0.05)
         lines = [ln for ln in self.log.read_text().splitlines() if "stats: {" in ln]
-        return json.loads(lines[-1].split("stats: ", 1)[1])["channels"]["main"] if lines else {}
+        return json.loads(lines[-1].split("stats: ", 1)[1]) if lines else {}
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -133,7 +133,7 @@ class Daemon:
 
 
 def measure(d: Daemon, fourcc: str, clients: int, w: int, h: int, seconds: float) -> dict:
-    opened = d.channels().get("encoders_opened", 0)
+    before = d.stats()
     ready = threading.Barrier(clients + 1)
     cs = [Client(d.paths[k], fourcc, w, h, ready) for k in range(clients)]
     for c in cs:
@@ -144,9 +144,11 @@ def measure(d: Daemon, fourcc: str, clients: int, w: int, h: int, seconds: float
         c.measure.set()
     t0, c0 = time.monotonic(), cpu_seconds(d.proc.pid)
     time.sleep(seconds / 2)
-    stats = d.channels()
+    stats = d.stats()
     time.sleep(seconds / 2)
     cpu, wall = cpu_seconds(d.proc.pid) - c0, time.monotonic() - t0
+    overruns = d.stats().get("sensor_overruns", 0) - before.get("sensor_overruns", 0)
+    main, opened = stats.get("channels", {}).get("main", {}), before["channels"]["main"]["encoders_opened"]
     for c in cs:
         c.measure.clear()
         c.stop.set()
@@ -158,9 +160,9 @@ def measure(d: Daemon, fourcc: str, clients: int, w: int, h: int, seconds: float
     frames = seqs[-1] - seqs[0] + 1
     drops = sum(c.seqs[-1] - c.seqs[0] + 1 - len(c.seqs) for c in cs if c.seqs)
     time.sleep(1)  # the channel stops: the next row starts from an idle channel
-    return {"format": fourcc, "clients": clients, "frames": frames, "drops": drops, "wall": wall,
-            "cpu_ms_per_frame": cpu / frames * 1000, "encoders": stats.get("encoders", {}),
-            "encoders_opened": stats.get("encoders_opened", 0) - opened}
+    return {"format": fourcc, "clients": clients, "frames": frames, "drops": drops, "overruns": overruns,
+            "wall": wall, "cpu_ms_per_frame": cpu / frames * 1000, "encoders": main.get("encoders", {}),
+            "encoders_opened": main.get("encoders_opened", 0) - opened}
 
 
 def memcpy_ms(w: int, h: int, n: int = 50) -> float:
@@ -201,12 +203,12 @@ def main() -> int:
             d.stop()
     print(f"daemon CPU per channel frame, main {w}x{h}@{args.fps}, {args.seconds:.0f} s per row "
           f"(load {os.getloadavg()[0]:.1f}); idle {idle:.1f} ms CPU per s")
-    print(f"{'format':<6} {'clients':>7} {'frames':>6} {'drops':>5} {'CPU ms/frame':>12} {'x 1 client':>10} "
+    print(f"{'format':<6} {'clients':>7} {'frames':>6} {'drops':>5} {'overruns':>8} {'CPU ms/frame':>12} {'x 1 client':>10} "
           f"{'encoder channels (clients)':>26} {'opened':>6}")
     one = {r["format"]: r["cpu_ms_per_frame"] for r in rows if r["clients"] == counts[0]}
     for r in rows:
         enc = ",".join(f"1 {k} ({v})" for k, v in r["encoders"].items()) or "-"
-        print(f"{r['format']:<6} {r['clients']:>7} {r['frames']:>6} {r['drops']:>5} {r['cpu_ms_per_frame']:>12.2f} "
+        print(f"{r['format']:<6} {r['clients']:>7} {r['frames']:>6} {r['drops']:>5} {r['overruns']:>8} {r['cpu_ms_per_frame']:>12.2f} "
               f"{r['cpu_ms_per_frame'] / one[r['format']]:>10.2f} {enc:>26} {r['encoders_opened']:>6}")
     print(f"one {w}x{h} NV12 frame copy (what each extra raw client adds): {memcpy_ms(w, h):.2f} ms")
     if args.json:

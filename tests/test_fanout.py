@@ -104,7 +104,9 @@ def test_inter_stream_member_without_a_buffer_waits_for_the_next_idr():
     produce(fan, 3, b"P")
     assert [i.sequence for _d, i in a.got] == [0, 1, 2, 3]
     assert [i.sequence for _d, i in b.got] == [2, 3] and b.cancelled == 1
-    assert enc.idr_requests == 1  # asked once, not per frame
+    # asked when it missed frame 0 (itself the IDR), again once its buffers were back (frame
+    # 1), then no more: not once per frame
+    assert enc.idr_requests == 2
 
 
 def test_joining_member_counts_from_zero_at_its_first_key_frame():
@@ -323,3 +325,21 @@ def test_streams_stop_cleanly_under_churn(sub_nodes):
     assert not any(b.flags & abi.BufFlag.ERROR for _d, b in got)
     keeper.release()
     assert not sub_nodes[0].hub.busy
+
+
+def test_a_waiting_member_that_missed_its_idr_gets_the_next_one_at_once():
+    """A slow client misses an AU, then also the IDR asked for it (still no buffer): when its
+    buffers come back an IDR is asked again, not left to the end of the GOP."""
+    fan = Fanout("t", inter=True)
+    fan.encoder = enc = Encoder()
+    fast, slow = Member(), Member(free=0)
+    fan.add(member_of(fast))
+    fan.add(member_of(slow))
+    produce(fan, 0, b"P")  # slow misses it: waits, IDR asked
+    produce(fan, 1, b"I", key=True)  # slow still has no buffer: misses the IDR too
+    assert enc.idr_requests == 1
+    slow.free = 4
+    produce(fan, 2, b"P")  # slow has a buffer again, still waiting: an IDR is asked
+    assert enc.idr_requests == 2 and slow.cancelled == 1
+    produce(fan, 3, b"I", key=True)
+    assert [(d, i.sequence) for d, i in slow.got] == [(b"I", 3)]

@@ -95,6 +95,9 @@ class Fanout:
                 m.waiting_key = True
             if missed:
                 log.debug("%s: %d consumer(s) without a buffer wait for the next IDR", self.label, len(missed))
+            # A member waiting with a buffer at hand (it may have missed the IDR asked for it,
+            # having no buffer then) needs one now, not at the end of the GOP.
+            if missed or any(m.waiting_key for m, _b in got):
                 self.request_idr()
         first = got[0][1]
         return FrameBuffer(first.view, first.index, token=got)
