@@ -343,3 +343,26 @@ def test_a_waiting_member_that_missed_its_idr_gets_the_next_one_at_once():
     assert enc.idr_requests == 2 and slow.cancelled == 1
     produce(fan, 3, b"I", key=True)
     assert [(d, i.sequence) for d, i in slow.got] == [(b"I", 3)]
+
+
+def _have_x265() -> bool:
+    try:
+        from impv4l2.driver.sim.avpu import HAVE_X265
+    except ImportError:
+        return False
+    return HAVE_X265
+
+
+@pytest.mark.skipif(not _have_x265(), reason="PyAV without libx265: no HEVC on the sim")
+def test_joining_hevc_starts_with_vps_sps_pps_and_an_idr(sub_nodes):
+    a, b = open_node(sub_nodes[0], pid=1), open_node(sub_nodes[1], pid=2)
+    start(a, PF.HEVC)
+    take(sub_nodes[0], a, 5)  # mid-GOP now
+    start(b, PF.HEVC)
+    first = take(sub_nodes[1], b, 1)[0]
+    types = [(p[0] >> 1) & 0x3F for p in first[0].split(b"\x00\x00\x00\x01")[1:] if p]
+    assert types[:3] == [32, 33, 34] and types[3] in (19, 20), types  # VPS SPS PPS IDR
+    assert first[1].flags & abi.BufFlag.KEYFRAME and first[1].sequence == 0
+    assert sub_nodes[0].hub.encoders == {Codec.HEVC: 2}
+    for h in (a, b):
+        h.release()
