@@ -409,7 +409,9 @@ class Daemon:
 
     def _channel_stats(self) -> dict:
         """Per frame channel: its consumers and the encoder channels running on it (fan-out)."""
-        hubs = {id(h): h for h in (getattr(d, "hub", None) for d in self.nodes.values()) if h is not None}
+        from .v4l2.capture import CaptureNode
+
+        hubs = {id(d.hub): d.hub for d in self.nodes.values() if isinstance(d, CaptureNode)}
         return {h.channel.role: {"consumers": h.consumers(), "encoders_opened": h.encoders_opened,
                                  "encoders": {c.value: n for c, n in h.encoders.items()}}
                 for h in hubs.values()}
