@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,37 @@ def test_a_stream_beyond_the_rmem_budget_is_ebusy_and_the_others_go_on(nodes, fa
     for h in (a, b):
         h.release()
     assert fake.open_resources() == nodes.idle and fake.errors() == 1  # the one refused CreateChn
+
+
+def test_nv12_and_h264_nodes_at_once_see_every_frame_but_their_own_drops(nodes, fake):
+    """Both clients of one frame source see every frame it produced, but for the frames the
+    daemon dropped for that client (no buffer queued): sequence gaps <= its sink's drops."""
+    main, main2 = nodes(2)
+    a, b = open_node(main), open_node(main2, pid=2)
+    prepare(a, PF.NV12, count=6)
+    prepare(b, PF.H264, count=6)
+    ioctl(a, "STREAMON", abi.c_int(CAP))
+    ioctl(b, "STREAMON", abi.c_int(CAP))
+    got = {}
+
+    def run(node, h, key):
+        got[key] = frames(node, h, 40)
+
+    ts = [threading.Thread(target=run, args=(main, a, "nv12")), threading.Thread(target=run, args=(main2, b, "h264"))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    for key, node in (("nv12", main), ("h264", main2)):
+        seqs = [s for _d, _f, s in got[key]]
+        assert all(y > x for x, y in zip(seqs, seqs[1:])), (key, seqs)
+        gaps = seqs[-1] - seqs[0] + 1 - len(seqs)
+        # H.264: after a drop the stream resumes at the IDR asked for then (the fake's next AU),
+        # so a drop costs that frame and at most the one the AVPU had already coded
+        allowed = node.sink.dropped * (2 if key == "h264" else 1)
+        assert gaps <= allowed, (key, seqs, node.sink.dropped)
+        assert not any(f & abi.BufFlag.ERROR for _d, f, _s in got[key])
+    assert [n[0] & 0x1F for n in split_nals(got["h264"][0][0])] == [7, 8, 5]
+    for h in (a, b):
+        h.release()
+    assert fake.open_resources() == nodes.idle and fake.errors() == 0
