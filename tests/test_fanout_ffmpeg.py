@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import av
-import numpy as np
 import pytest
 
 from impv4l2.driver.sim.pattern import read_counter, y_plane

@@ -46,7 +46,7 @@ from .controls import ControlSet, ControlView, isp_control_set
 from .events import motion_event
 from .formats import PixFormat, Produce, capture_formats, fill_pix, nearest_size
 from .node import Node, NodeHandle, Priorities
-from .queue import Buffer, BufferQueue, FileIO
+from .queue import BufferQueue, FileIO
 
 log = logging.getLogger("impv4l2.v4l2")
 
@@ -97,9 +97,9 @@ class CaptureSink:
     """The FrameSink a started channel delivers into (runs on the backend thread): the
     buffer it lends travels back as the token, carrying the queue buffer it stands for."""
 
-    def __init__(self, node: "CaptureNode", queue: BufferQueue | None = None):
+    def __init__(self, node: "CaptureNode", queue: BufferQueue):
         self.node = node
-        self.q = queue if queue is not None else node.queue
+        self.q = queue
         self.fmt: PixFormat = node.fmt
         self.converter = None  # a convert.Converter while a CONVERT format streams
         self.frames = 0
