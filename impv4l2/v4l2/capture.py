@@ -134,6 +134,7 @@ class CaptureSink:
 
     def frame_done(self, fb: FrameBuffer, info: FrameInfo) -> None:
         dst, buf = fb.token
+        fb.sequence = info.sequence
         try:
             flags = abi.BufFlag.ERROR if info.error else 0
             produce = self.fmt.produce
