@@ -93,15 +93,22 @@ def test_a_second_handle_on_main_2_gets_ebusy_while_main_streams(daemon):
     import subprocess
     import time
 
-    main = subprocess.Popen([*served.RUN, "v4l2-ctl", "-d", daemon.nodes["main"], "--stream-mmap",
-                             "--stream-count=60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = subprocess.Popen([*served.RUN, "v4l2-ctl", "-d", daemon.nodes["main-2"], "--stream-mmap",
-                              "--stream-count=60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    names = {role: daemon.nodes[role].rsplit("/", 1)[1] for role in ("main", "main-2")}
+    before = {n: daemon.text().count(f"{n}: streaming") for n in names.values()}
+    clients = [subprocess.Popen([*served.RUN, "v4l2-ctl", "-d", daemon.nodes[role], "--stream-mmap",
+                                 "--stream-count=100000"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True) for role in ("main", "main-2")]
     try:
-        time.sleep(5)  # both streaming (TCG)
+        # `impv4l2 run` + v4l2-ctl take ~10 s to start in the emulated guest: wait for both
+        deadline = time.monotonic() + 180
+        while not all(daemon.text().count(f"{n}: streaming") > before[n] for n in names.values()):
+            assert time.monotonic() < deadline and all(c.poll() is None for c in clients), daemon.text()[-3000:]
+            time.sleep(0.5)
         second = served.run("v4l2-ctl", "-d", daemon.nodes["main-2"], "--stream-user", "--stream-count=3",
                             check=False, timeout=120)
+        assert all(c.poll() is None for c in clients)  # both still streaming
         assert "Device or resource busy" in second.stderr + second.stdout, second  # REQBUFS: EBUSY
     finally:
-        outs = [p.communicate(timeout=300) for p in (main, first)]
-    assert [p.returncode for p in (main, first)] == [0, 0], outs
+        for c in clients:
+            c.terminate()
+            c.communicate(timeout=60)
