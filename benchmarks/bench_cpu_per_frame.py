@@ -219,20 +219,26 @@ def v4l2_buffer(index: int) -> bytes:
     return BUF.pack(*fields).ljust(BUF_SIZE, b"\0")
 
 
+def start_capture(fd: int, fourcc: str, width: int, height: int, count: int = 4) -> list[bytes]:
+    """S_FMT, REQBUFS ``count`` MMAP, QBUF all, STREAMON; the v4l2_buffer of each buffer."""
+    fmt = bytearray(FMT_SIZE)
+    struct.pack_into("@I", fmt, 0, CAPTURE)
+    PIX.pack_into(fmt, FMT_OFF, width, height, struct.unpack("<I", FOURCC[fourcc])[0], FIELD_NONE, *[0] * 8)
+    _ioctl(fd, S_FMT, fmt)
+    n = REQ.unpack(_ioctl(fd, REQBUFS, REQ.pack(count, CAPTURE, MMAP, 0, 0)))[0]
+    empty = [v4l2_buffer(i) for i in range(n)]
+    for b in empty:
+        _ioctl(fd, QBUF, b)
+    _ioctl(fd, STREAMON, struct.pack("@I", CAPTURE))
+    return empty
+
+
 def stream(dev: str, pid: int, fourcc: str, width: int, height: int, frames: int, warmup: int) -> tuple[int, int, float, float]:
     """Capture ``warmup`` + ``frames`` frames from ``dev``; (frames, drops, seconds, server CPU s)
     over the measured ones.  Drops: sequence numbers skipped between the first and the last."""
     fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
     try:
-        fmt = bytearray(FMT_SIZE)
-        struct.pack_into("@I", fmt, 0, CAPTURE)
-        PIX.pack_into(fmt, FMT_OFF, width, height, struct.unpack("<I", FOURCC[fourcc])[0], FIELD_NONE, *[0] * 8)
-        _ioctl(fd, S_FMT, fmt)
-        n = REQ.unpack(_ioctl(fd, REQBUFS, REQ.pack(4, CAPTURE, MMAP, 0, 0)))[0]
-        empty = [v4l2_buffer(i) for i in range(n)]
-        for b in empty:
-            _ioctl(fd, QBUF, b)
-        _ioctl(fd, STREAMON, struct.pack("@I", CAPTURE))
+        empty = start_capture(fd, fourcc, width, height)
         seqs: list[int] = []
         t0 = c0 = 0.0
         for k in range(warmup + frames):

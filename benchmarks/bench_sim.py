@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from impv4l2.driver.base import SensorInfo  # noqa: E402
+from impv4l2.driver.base import FrameBuffer, SensorInfo  # noqa: E402
 from impv4l2.driver.sim.backend import SimBackend  # noqa: E402
 from impv4l2.driver.sim.isp import SimIsp  # noqa: E402
 from impv4l2.driver.sim.pattern import pattern  # noqa: E402
@@ -80,7 +80,7 @@ def per_frame_file(path: str, n: int = 100) -> tuple[float, float, float]:
 
 class CountingSink:
     def __init__(self, size: int) -> None:
-        self.buf = memoryview(bytearray(size))
+        self.buf = FrameBuffer(memoryview(bytearray(size)), 0)
         self.frames = 0
         self.last_seq = -1
 

@@ -13,13 +13,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from fakes.build import build_fake  # noqa: E402
 
-from impv4l2.driver.base import EncoderParams  # noqa: E402
+from impv4l2.driver.base import EncoderParams, FrameBuffer  # noqa: E402
 from impv4l2.driver.t31.backend import T31Backend  # noqa: E402
 
 
 class CountSink:
     def __init__(self, size):
-        self.buf = memoryview(bytearray(size))
+        self.buf = FrameBuffer(memoryview(bytearray(size)), 0)
         self.n = 0
         self.bytes = 0
 

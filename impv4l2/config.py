@@ -25,6 +25,23 @@ class ChannelConfig:
     width: int
     height: int
     fps: int
+    # Capture nodes of the channel: main, then main-2 ... main-N (fan-out: each its own
+    # queue, memory type and format; one frame delivery and one encoder per format shared).
+    nodes: int = 1
+
+
+MAX_NODES_PER_CHANNEL = 8
+READERS = ("vb2", "shared")
+
+
+@dataclasses.dataclass
+class NodeOptions:
+    """``[nodes.<role>]``: one node's options (``[nodes.main-2]``, ``[nodes.sub]`` ...)."""
+
+    name: str = ""  # an explicit videoN
+    # vb2: one file handle owns the queue (others get EBUSY); shared: every open file gets
+    # its own queue of the node's one stream (non-vb2, as v4l2loopback's readers)
+    readers: str = "vb2"
 
 
 @dataclasses.dataclass
@@ -37,6 +54,30 @@ class NodeConfig:
     main: str = ""  # explicit names override numbering, e.g. "video20"
     sub: str = ""
     encoder: str = ""
+    roles: dict[str, NodeOptions] = dataclasses.field(default_factory=dict)  # [nodes.<role>] tables
+
+    def options(self, role: str) -> NodeOptions:
+        return self.roles.get(role) or NodeOptions(name=getattr(self, role, "") if role in _NAMED else "")
+
+    def name_of(self, role: str) -> str:
+        return self.options(role).name
+
+
+_NAMED = ("main", "sub", "encoder")  # roles whose name may also be a plain [nodes] key
+_ROLE = re.compile(r"^(?:(main|sub)(?:-([0-9]+))?|encoder)$")
+
+
+def node_roles(cfg: "Config") -> list[str]:
+    """The capture node roles of the configuration: main, main-2 .. main-N, sub, sub-2 ..."""
+    roles = []
+    for ch in ("main", "sub"):
+        roles += [ch] + [f"{ch}-{k}" for k in range(2, getattr(cfg, ch).nodes + 1)]
+    return roles
+
+
+def channel_of(role: str) -> str:
+    """main-2 -> main"""
+    return role.split("-", 1)[0]
 
 
 @dataclasses.dataclass
@@ -136,6 +177,22 @@ _SECTIONS: dict[str, type] = {
 }
 
 
+def _node_options(role: str, table: dict, fail) -> NodeOptions:
+    """A ``[nodes.<role>]`` table."""
+    if not _ROLE.match(role):
+        fail("nodes", role, "not a node role (main, main-N, sub, sub-N, encoder)")
+    opts = NodeOptions()
+    for k, v in table.items():
+        if k not in ("name", "readers") or not isinstance(v, str):
+            fail(f"nodes.{role}", k, "unknown key or not a string (known: name, readers)")
+        setattr(opts, k, v)
+    if opts.readers not in READERS:
+        fail(f"nodes.{role}", "readers", f"{opts.readers!r} is not one of {', '.join(READERS)}")
+    if opts.readers == "shared" and role == "encoder":
+        fail(f"nodes.{role}", "readers", "the M2M encoder gives every open file its own context already")
+    return opts
+
+
 def _line_of(text: str, section: str, key: str) -> int:
     """Best-effort line number of ``key`` (inside ``[section]``) in the file."""
     lines = text.splitlines()
@@ -203,8 +260,11 @@ def load(path: str | None = None) -> Config:
                 fail("", key, "must be a table")
             cls = _SECTIONS[key]
             current = getattr(cfg, key)
-            fields = {f.name: f for f in dataclasses.fields(cls)}
+            fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "roles"}
             for k, v in value.items():
+                if key == "nodes" and isinstance(v, dict):
+                    current.roles[k] = _node_options(k, v, fail)
+                    continue
                 if k not in fields:
                     fail(key, k, f"unknown key (known: {', '.join(fields)})")
                 v = _COERCE.get((key, k), {}).get(v, v) if isinstance(v, bool) else v
@@ -228,9 +288,17 @@ def load(path: str | None = None) -> Config:
                 fail(role, key, f"size {ch.width}x{ch.height} must be even and non-zero")
         if not 1 <= ch.fps <= 60:
             fail(role, "fps", f"{ch.fps} is outside 1..60")
+        if not 1 <= ch.nodes <= MAX_NODES_PER_CHANNEL:
+            fail(role, "nodes", f"{ch.nodes} is outside 1..{MAX_NODES_PER_CHANNEL}")
+    roles = node_roles(cfg) + ["encoder"]
+    for role in cfg.nodes.roles:
+        if role not in roles:
+            fail("nodes", role, f"no such node (the nodes are {', '.join(roles)})")
+        if role in _NAMED and getattr(cfg.nodes, role):
+            fail("nodes", role, f"named twice: nodes.{role} and [nodes.{role}] name")
     seen: dict[str, str] = {}
-    for role in ("main", "sub", "encoder"):
-        name = getattr(cfg.nodes, role)
+    for role in roles:
+        name = cfg.nodes.name_of(role)
         if not name:
             continue
         if not _NODE_NAME.match(name):

@@ -77,7 +77,7 @@ def allocate_names(roles: list[str], nodes: config_mod.NodeConfig) -> dict[str, 
     used = taken_video_numbers()
     names: dict[str, str] = {}
     for role in roles:
-        explicit = getattr(nodes, role, "")
+        explicit = nodes.name_of(role)
         if explicit:
             if explicit[5:].isdigit() and int(explicit[5:]) in used:
                 log.warning("nodes.%s = %s: /dev/%s already exists", role, explicit, explicit)
@@ -138,7 +138,8 @@ class Daemon:
         from .v4l2.capture import CaptureNode
 
         channels = {ch.role: ch for ch in self.backend.channels}
-        roles = [r for r in ("main", "sub") if r in channels]
+        # main, main-2 .. main-N, sub, ...: more nodes of a channel share it (fan-out)
+        roles = [r for r in config_mod.node_roles(self.cfg) if config_mod.channel_of(r) in channels]
         try:
             from .v4l2.encoder import EncoderNode
         except ImportError:
@@ -157,16 +158,21 @@ class Daemon:
                 self.nodes[role] = EncoderNode(names[role], self.backend, defaults=self.cfg.encoder,
                                                budget=budget)
                 continue
-            ch = channels[role]
-            want: config_mod.ChannelConfig = getattr(self.cfg, role)
-            try:
-                ch.configure(ChannelMode(want.width, want.height, want.fps))
-            except (ValueError, OSError) as e:
-                log.warning("%s channel: cannot use %dx%d@%d (%s); keeping %s", role,
-                            want.width, want.height, want.fps, e, ch.mode)
-            self.nodes[role] = CaptureNode(names[role], self.backend, ch,
-                                           encoder_defaults=self.cfg.encoder, budget=budget,
-                                           daynight=self.cfg.daynight)
+            ch_role = config_mod.channel_of(role)
+            ch = channels[ch_role]
+            if role == ch_role:
+                want: config_mod.ChannelConfig = getattr(self.cfg, role)
+                try:
+                    ch.configure(ChannelMode(want.width, want.height, want.fps))
+                except (ValueError, OSError) as e:
+                    log.warning("%s channel: cannot use %dx%d@%d (%s); keeping %s", role,
+                                want.width, want.height, want.fps, e, ch.mode)
+            node_class = CaptureNode
+            if self.cfg.nodes.options(role).readers == "shared":
+                from .v4l2.readers import SharedReadersNode as node_class  # noqa: N813
+            self.nodes[role] = node_class(names[role], self.backend, ch, role=role,
+                                          encoder_defaults=self.cfg.encoder, budget=budget,
+                                          daynight=self.cfg.daynight)
 
     def _budget(self) -> BufferBudget:
         """The buffer memory the nodes share: configuration, else the backend's default."""
@@ -397,7 +403,18 @@ class Daemon:
             "memfd_bytes": {d.name: d.memory.size for d in self.nodes.values() if d.memory is not None},
             "threads": threading.active_count(),
             "fds": len(os.listdir("/proc/self/fd")),
+            "channels": self._channel_stats(),
+            "sensor_overruns": self.backend.overruns if self.backend is not None else 0,
         }
+
+    def _channel_stats(self) -> dict:
+        """Per frame channel: its consumers and the encoder channels running on it (fan-out)."""
+        from .v4l2.capture import CaptureNode
+
+        hubs = {id(d.hub): d.hub for d in self.nodes.values() if isinstance(d, CaptureNode)}
+        return {h.channel.role: {"consumers": h.consumers(), "encoders_opened": h.encoders_opened,
+                                 "encoders": {c.value: n for c, n in h.encoders.items()}}
+                for h in hubs.values()}
 
     def run(self) -> int:
         """Serve until SIGINT/SIGTERM; SIGHUP reloads the configuration."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 # imported module costs milliseconds times the emulation factor.
 import fcntl
 import os
+import re
 import signal
 import struct
 import sys
@@ -79,16 +80,19 @@ class NodeInfo:
         return role_of(self.card, self.bus_info, self.caps)
 
 
+# A role in bus_info or card: main, sub, encoder, or a fan-out node's main-N / sub-N
+_ROLE = re.compile(r"(?<!\w)(main|sub|encoder)(-[0-9]+)?(?![\w-])")
+
+
 def role_of(card: str, bus_info: str, caps: int) -> str:
-    """main | sub | encoder: M2M is the encoder; else the word in bus_info
-    ("platform:impv4l2-sub") or card ("impv4l2 sub (sim)"); else main."""
+    """main | sub | encoder | main-N | sub-N: M2M is the encoder; else the role in bus_info
+    ("platform:impv4l2-sub", "platform:impv4l2-main-2") or card ("impv4l2 sub (sim)"); else main."""
     if caps & _M2M:
         return "encoder"
     for text in (bus_info, card):
-        words = text.lower().replace("-", " ").replace(":", " ").replace("(", " ").split()
-        for role in ROLES:
-            if role in words:
-                return role
+        for m in _ROLE.finditer(text.lower().replace(":", " ")):
+            if m.group(1) in ROLES:
+                return m.group(0)
     return "main"
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 if TYPE_CHECKING:
     import numpy as np
@@ -89,14 +89,34 @@ class FrameInfo:
     keyframe: bool = False  # encoded streams
 
 
+@dataclasses.dataclass(eq=False)
+class FrameBuffer:
+    """A buffer a sink lends the producer for one frame: the token that travels from
+    :meth:`FrameSink.get_buffer` back to :meth:`FrameSink.frame_done` (as vivid hands its
+    ``vivid_buffer`` to ``vb2_buffer_done``), so a sink never matches buffers by memory."""
+
+    view: memoryview  # where the producer writes the frame (writable, at least one frame)
+    index: int = -1  # the consumer queue's buffer index (-1: a buffer of no queue)
+    sequence: int = -1  # slot: the sequence number of the frame it carries, once done
+    token: Any = None  # the sink's own bookkeeping (its queue buffer), opaque to producers
+
+
 class FrameSink(Protocol):
     """Where a started channel delivers frames (implemented by the device model)."""
 
-    def get_buffer(self) -> memoryview | None:
+    def get_buffer(self) -> FrameBuffer | None:
         """A writable buffer for the next frame, or None to drop it."""
 
-    def frame_done(self, buf: memoryview, info: FrameInfo) -> None:
+    def frame_done(self, buf: FrameBuffer, info: FrameInfo) -> None:
         """The frame in ``buf`` (from get_buffer) is complete."""
+
+
+class MemberSink(FrameSink, Protocol):
+    """A sink of a fan-out (:mod:`impv4l2.driver.fanout`): it may also get a buffer back
+    unfilled, as a client that joined a compressed stream waits for its first key frame."""
+
+    def cancel(self, buf: FrameBuffer) -> None:
+        """``buf`` (from get_buffer) carries no frame: back to the sink as it was."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +150,10 @@ class FrameChannel(abc.ABC):
     def configure(self, mode: ChannelMode) -> None:
         """Set size and rate; only while stopped."""
 
+    # Consumers: at most one raw sink and one encoded stream per codec at a time, all at the
+    # channel's mode and fed by the same frames (each its own AVPU channel on the T31).  More
+    # clients of one of them share it through impv4l2.driver.fanout.
+
     @abc.abstractmethod
     def start(self, sink: FrameSink) -> None:
         """Deliver NV12 frames (Y plane then interleaved UV, stride = width)."""
@@ -137,10 +161,16 @@ class FrameChannel(abc.ABC):
     @abc.abstractmethod
     def start_encoded(self, params: "EncoderParams", sink: FrameSink) -> "EncoderChannel":
         """Deliver encoded frames (IMP FrameSource->Encoder binding): each
-        buffer receives one access unit (H.264) or one JPEG picture."""
+        buffer receives one access unit (H.264) or one JPEG picture.  The
+        stream ends with the returned channel's ``close()``."""
 
     @abc.abstractmethod
-    def stop(self) -> None: ...
+    def stop_raw(self) -> None:
+        """End the raw consumer only (encoded streams go on)."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """End every consumer."""
 
 
 # ---------------------------------------------------------------- encoder
@@ -321,6 +351,12 @@ class Backend(abc.ABC):
     # Optional camera features; None: not offered (the device model shows no controls for them).
     motion: MotionSource | None = None
     light_meter: LightMeter | None = None
+
+    @property
+    def overruns(self) -> int:
+        """Sensor frames lost because the pipeline was late for them (every consumer of the
+        channel misses them alike; 0 where the backend cannot tell)."""
+        return 0
 
     def set_lost_callback(self, lost: Callable[[str], None]) -> None:
         """Called (with a reason) when the hardware disappears (hot-plug)."""

@@ -1,7 +1,10 @@
-"""The capture node: one per frame channel (``main``, ``sub``).
+"""The capture node: one or more per frame channel (``main``, ``main-2`` ..., ``sub`` ...).
 
 ``CaptureNode(name, backend, channel)`` is a :class:`impv4l2.fileops.Device`
 a transport serves as ``/dev/videoN`` (CUSE) or ``<mount>/videoN`` (FUSE).
+Every node of a channel consumes it through the channel's
+:class:`~impv4l2.driver.fanout.ChannelHub` (fan-out: one frame delivery and one
+encoder channel per format, whatever the number of nodes streaming).
 
 Frames: NV12 is written by the backend straight into the client's buffer
 (MMAP: the memfd region the client maps; USERPTR: the buffer's memfd
@@ -29,9 +32,11 @@ import dataclasses
 import errno
 import logging
 import threading
+import weakref
 
-from ..driver.base import (Backend, ChannelMode, Codec, EncoderChannel, EncoderParams,
+from ..driver.base import (Backend, ChannelMode, Codec, EncoderChannel, EncoderParams, FrameBuffer,
                            FrameChannel, FrameInfo)
+from ..driver.fanout import ChannelHub, hub_of
 from ..fileops import POLLERR, WouldBlock
 from . import abi
 from .budget import UNLIMITED, BufferBudget
@@ -40,8 +45,8 @@ from . import features as features_mod
 from .controls import ControlSet, ControlView, isp_control_set
 from .events import motion_event
 from .formats import PixFormat, Produce, capture_formats, fill_pix, nearest_size
-from .node import Node, NodeHandle
-from .queue import Buffer, BufferQueue, FileIO
+from .node import Node, NodeHandle, Priorities
+from .queue import BufferQueue, FileIO
 
 log = logging.getLogger("impv4l2.v4l2")
 
@@ -76,15 +81,27 @@ def isp_controls(backend: Backend) -> ControlSet:
         return cs
 
 
-class CaptureSink:
-    """The FrameSink a started channel delivers into (runs on the backend thread)."""
+_prio_states: "weakref.WeakKeyDictionary[ChannelHub, Priorities]" = weakref.WeakKeyDictionary()
 
-    def __init__(self, node: "CaptureNode"):
+
+def channel_priorities(hub: ChannelHub) -> Priorities:
+    """The priority state of every node of one frame channel."""
+    with _isp_lock:
+        p = _prio_states.get(hub)
+        if p is None:
+            p = _prio_states[hub] = Priorities()
+        return p
+
+
+class CaptureSink:
+    """The FrameSink a started channel delivers into (runs on the backend thread): the
+    buffer it lends travels back as the token, carrying the queue buffer it stands for."""
+
+    def __init__(self, node: "CaptureNode", queue: BufferQueue):
         self.node = node
-        self.q = node.queue
+        self.q = queue
         self.fmt: PixFormat = node.fmt
         self.converter = None  # a convert.Converter while a CONVERT format streams
-        self.inflight: collections.deque[tuple[memoryview, memoryview, Buffer]] = collections.deque()
         self.frames = 0
         self.dropped = 0
         # (capture timestamp, sequence) of the last frames: motion events name their frame
@@ -93,7 +110,6 @@ class CaptureSink:
     def prepare(self, fmt: PixFormat, width: int, height: int) -> None:
         # NATIVE and ENCODED: the backend writes into the client's buffer.
         self.fmt = fmt
-        self.inflight.clear()
         if fmt.produce == Produce.CONVERT:
             c = self.converter
             if c is None or (c.fmt, c.width, c.height) != (fmt, width, height):
@@ -101,30 +117,30 @@ class CaptureSink:
 
                 self.converter = Converter(fmt, width, height)
 
-    def get_buffer(self) -> memoryview | None:
+    def get_buffer(self) -> FrameBuffer | None:
         buf = self.q.take()
         if buf is None:
             self.dropped += 1
             return None
         dst = self.q.view(buf)
         given = self.converter.scratch() if self.fmt.produce == Produce.CONVERT else dst
-        self.inflight.append((given, dst, buf))
-        return given
+        return FrameBuffer(given, buf.index, token=(dst, buf))
 
-    def frame_done(self, view: memoryview, info: FrameInfo) -> None:
-        entry = next((e for e in self.inflight if e[0] is view), None)
-        if entry is None:
-            if not self.inflight:
-                return
-            entry = self.inflight[0]
-        self.inflight.remove(entry)
-        given, dst, buf = entry
+    def cancel(self, fb: FrameBuffer) -> None:
+        dst, buf = fb.token
+        if self.fmt.produce == Produce.CONVERT:
+            self.converter.release(fb.view)
+        self.q.cancel(buf)
+
+    def frame_done(self, fb: FrameBuffer, info: FrameInfo) -> None:
+        dst, buf = fb.token
+        fb.sequence = info.sequence
         try:
             flags = abi.BufFlag.ERROR if info.error else 0
             produce = self.fmt.produce
             if produce == Produce.CONVERT:
-                n = self.converter.convert(given, dst)
-                self.converter.release(given)
+                n = self.converter.convert(fb.view, dst)
+                self.converter.release(fb.view)
             elif produce == Produce.ENCODED:
                 n = info.bytesused  # 0 with ERROR: the picture did not fit
                 if not info.error:  # an errored buffer holds no frame of either kind
@@ -139,6 +155,46 @@ class CaptureSink:
             self.q.cancel(buf)
 
 
+class CaptureStream:
+    """One consumer of the node's frame channel: a buffer queue, the sink filling it, the
+    channel port it takes frames from and, while it streams a compressed format, its
+    binding to the (shared) encoder channel.  A vb2 node has one; a node with shared
+    readers one per open file (:mod:`impv4l2.v4l2.readers`)."""
+
+    def __init__(self, node: "CaptureNode", queue: BufferQueue, port: FrameChannel):
+        self.node, self.queue, self.port = node, queue, port
+        self.sink = CaptureSink(node, queue)
+        self.enc_channel: EncoderChannel | None = None
+        queue.on_start = self.start
+        queue.on_stop = self.stop
+        queue.wake = node.wake  # every transport's waker, not one captured now
+        queue.plane_sizes = node.plane_sizes()
+
+    def busy(self) -> bool:
+        q = self.queue
+        return bool(q.buffers) or q.streaming or q.fileio is not None
+
+    def start(self) -> None:
+        n = self.node
+        try:
+            self.port.configure(ChannelMode(n.width, n.height, n.fps))
+            self.sink.prepare(n.fmt, n.width, n.height)
+            if n.fmt.produce == Produce.ENCODED:
+                self.enc_channel = self.port.start_encoded(n.encoder_params(), self.sink)
+            else:
+                self.port.start(self.sink)
+        except ValueError as ex:
+            raise OSError(errno.EINVAL, str(ex)) from None
+        except RuntimeError as ex:
+            raise OSError(errno.EBUSY, str(ex)) from None
+        log.info("%s: streaming %s %dx%d@%d", n.name, n.fmt.description, n.width, n.height, n.fps)
+
+    def stop(self) -> None:
+        self.enc_channel = None
+        self.port.stop()  # leaves the channel (the last consumer stops it)
+        log.info("%s: stopped (%d frames, %d dropped)", self.node.name, self.sink.frames, self.sink.dropped)
+
+
 class CaptureNode(Node):
     """A V4L2 video capture node over one backend frame channel."""
 
@@ -149,12 +205,14 @@ class CaptureNode(Node):
 
     def __init__(self, name: str, backend: Backend, channel: FrameChannel,
                  controls: ControlView | None = None, encoder_defaults=None,
-                 budget: BufferBudget = UNLIMITED, daynight=None):
-        """``encoder_defaults``: an impv4l2.config.EncoderDefaults (or None) for
-        the initial encoder control values; ``budget``: the buffer memory it may hold;
-        ``daynight``: an impv4l2.config.DayNightConfig (or None: defaults, no GPIOs)."""
-        # This node's encoder binding: its own settings (not shared with other nodes).
-        self.enc_channel: EncoderChannel | None = None
+                 budget: BufferBudget = UNLIMITED, daynight=None, role: str | None = None):
+        """``channel``: the backend's frame channel (every node of it shares it through one
+        :class:`~impv4l2.driver.fanout.ChannelHub`); ``role``: the node's (default the
+        channel's: ``main``; ``main-2`` ... for more nodes of it); ``encoder_defaults``: an
+        impv4l2.config.EncoderDefaults (or None) for the initial encoder control values;
+        ``budget``: the buffer memory it may hold; ``daynight``: an
+        impv4l2.config.DayNightConfig (or None: defaults, no GPIOs).  One file at a time
+        owns its queue, as vb2's; :mod:`impv4l2.v4l2.readers` has the shared kind."""
         self.formats = capture_formats(backend.encoder.codecs)
         self.codec = CodecSettings(encoder_defaults, codec_table(CAPTURE_CODEC_CONTROLS, backend.encoder.codecs),
                                    on_change=self._codec_setting_changed)
@@ -166,24 +224,42 @@ class CaptureNode(Node):
             self.event_types = CaptureNode.event_types | {abi.EventType.MOTION_DET}
             self.features.motion.listeners.append(self._motion)
         self.backend = backend
-        self.channel = channel
-        self.role = channel.role
-        self.card = f"impv4l2 {channel.role} ({backend.name})"
-        self.bus_info = f"platform:impv4l2-{channel.role}"
+        self.hub = hub_of(channel)
+        # This node's consumer of the channel (sizes, rates, mode; its vb2 stream's port).
+        self.channel: FrameChannel = self.hub.port()
+        self.role = role or channel.role
+        self.card = f"impv4l2 {self.role} ({backend.name})"
+        self.bus_info = f"platform:impv4l2-{self.role}"
+        # V4L2 priorities are the v4l2_device's (vdev->prio): the nodes of one channel share
+        # them, so a RECORD-priority client locks format changes of the channel for all.
+        self.prio_state = channel_priorities(self.hub)
         self.fmt = self.formats[0]
         mode = channel.mode
         self.width, self.height, self.fps = mode.width, mode.height, mode.fps
-        self.queue = BufferQueue(name, CAP, self.memory, log, budget=self.budget)
-        self.queues[CAP] = self.queue
         self.buf_types = frozenset({CAP})
-        self.queue.on_start = self._start
-        self.queue.on_stop = self._stop
-        self.queue.wake = self.wake  # every transport's waker, not one captured now
-        self._update_sizes()
-        self.sink = CaptureSink(self)
+        self.streams: list[CaptureStream] = []
+        self._make_streams()
+        self._update_active()
+
+    def _make_streams(self) -> None:
+        """vb2: the node's one queue, owned by one file at a time."""
+        self.queue = BufferQueue(self.name, CAP, self.memory, log, budget=self.budget)
+        self.queues[CAP] = self.queue
+        self.stream = CaptureStream(self, self.queue, self.channel)
+        self.streams.append(self.stream)
+        self.sink = self.stream.sink
+
+    @property
+    def enc_channel(self) -> EncoderChannel | None:
+        """The encoder channel this node streams from (shared by all its streams)."""
+        return next((st.enc_channel for st in self.streams if st.enc_channel is not None), None)
+
+    def plane_sizes(self) -> list[int]:
+        return [self.fmt.layout(self.width, self.height)[1]]
 
     def _update_sizes(self) -> None:
-        self.queue.plane_sizes = [self.fmt.layout(self.width, self.height)[1]]
+        for st in self.streams:
+            st.queue.plane_sizes = self.plane_sizes()
         self._update_active()
 
     # ------------------------------------------------------------ encoder controls
@@ -204,7 +280,8 @@ class CaptureNode(Node):
         """A control changed (ioctl thread): forward it to a running encoder
         channel of the codec it applies to.  Bitrate applies from the next
         frame, FORCE_KEY_FRAME makes the next frame an IDR, GOP/profile/level
-        apply at the next IDR (the backend's rules)."""
+        apply at the next IDR (the backend's rules).  An encoder channel shared
+        with other nodes takes the change for all of them (the last one wins)."""
         ch = self.enc_channel
         if ch is None:
             return
@@ -224,33 +301,15 @@ class CaptureNode(Node):
         return dataclasses.replace(p, jpeg_quality=self.codec.values["jpeg_quality"])
 
     def busy(self) -> bool:
-        q = self.queue
-        return bool(q.buffers) or q.streaming or q.fileio is not None
+        return any(st.busy() for st in self.streams)
 
-    def _start(self) -> None:
-        try:
-            self.channel.configure(ChannelMode(self.width, self.height, self.fps))
-            self.sink.prepare(self.fmt, self.width, self.height)
-            if self.fmt.produce == Produce.ENCODED:
-                self.enc_channel = self.channel.start_encoded(self.encoder_params(), self.sink)
-            else:
-                self.channel.start(self.sink)
-        except ValueError as ex:
-            raise OSError(errno.EINVAL, str(ex)) from None
-        except RuntimeError as ex:
-            raise OSError(errno.EBUSY, str(ex)) from None
-        log.info("%s: streaming %s %dx%d@%d", self.name, self.fmt.description,
-                 self.width, self.height, self.fps)
-
-    def _stop(self) -> None:
-        self.enc_channel = None
-        self.channel.stop()  # closes the encoder channel
-        log.info("%s: stopped (%d frames, %d dropped)", self.name, self.sink.frames, self.sink.dropped)
+    def streaming(self) -> bool:
+        return any(st.queue.streaming for st in self.streams)
 
     def _motion(self, region_mask: int, timestamp_ns: int) -> None:
         """Motion in a frame (backend thread): the event names this node's buffer of it."""
-        seq = next((q for t, q in self.sink.recent if t == timestamp_ns), None) \
-            if self.queue.streaming else None
+        seq = next((q for st in self.streams if st.queue.streaming
+                    for t, q in st.sink.recent if t == timestamp_ns), None)
         self.post_event(motion_event(region_mask, seq))
 
     def close(self) -> None:
@@ -262,21 +321,21 @@ class CaptureNode(Node):
         super().close()
 
     def closed(self, h: NodeHandle) -> None:
-        fio = self.queue.fileio
-        if fio is not None and fio.owner is h:
-            fio.close()
+        for st in self.streams:
+            fio = st.queue.fileio
+            if fio is not None and fio.owner is h:
+                fio.close()
         super().closed(h)
 
     def find_format(self, fourcc: int) -> PixFormat | None:
         return next((f for f in self.formats if f.fourcc == fourcc), None)
 
     def log_status(self) -> list[str]:
-        q = self.queue
         return super().log_status() + [
             f"format {self.fmt.description} {self.width}x{self.height}@{self.fps}",
-            f"queue: {len(q.buffers)} buffers, streaming {q.streaming}, "
-            f"frames {self.sink.frames}, dropped {self.sink.dropped}",
-        ]
+            f"channel {self.hub.channel.role}: {self.hub.consumers()} consumers, encoders {self.hub.encoders}",
+        ] + [f"queue: {len(st.queue.buffers)} buffers, streaming {st.queue.streaming}, "
+             f"frames {st.sink.frames}, dropped {st.sink.dropped}" for st in self.streams]
 
 
 class CaptureHandle(NodeHandle):
@@ -384,14 +443,14 @@ class CaptureHandle(NodeHandle):
         else:
             fps = n.fps
         if fps != n.fps:
-            if n.queue.streaming:
+            if n.streaming():
                 raise OSError(errno.EBUSY, "cannot change the frame rate while streaming")
             n.fps = fps
         self._fill_parm(s)
 
     # read() emulation
     def read(self, size: int, offset: int):
-        q = self.node.queue
+        q = self.queue(CAP)
         fio = q.fileio
         if fio is None:
             if q.owner is not None:
@@ -410,7 +469,7 @@ class CaptureHandle(NodeHandle):
         # client that polls before its first read() (GStreamer io-mode=rw) waits forever.
         # FUSE_POLL does not say which events are wanted, so a handle watching control events
         # (a control panel polling for POLLPRI) is left alone.
-        q = self.node.queue
+        q = self.queue(CAP)
         if q.owner is None and q.fileio is None and not q.buffers and q.streaming is False \
                 and not any(t in (abi.EventType.CTRL, abi.EventType.MOTION_DET) for t, _ in self.events.subs):
             try:

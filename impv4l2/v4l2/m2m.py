@@ -66,16 +66,14 @@ class RegionAllocator:
             self.free = merged
 
 
-class M2MQueue(BufferQueue):
-    """A BufferQueue of one M2M context: buffers in regions of the shared
-    node memory, the LAST-buffer state (DQBUF -> EPIPE after LAST) and
-    switching between the single- and multi-planar buffer type."""
+class RegionQueue(BufferQueue):
+    """A BufferQueue of one of several queues sharing a node's memory: its buffers are
+    regions of it (an M2M context's queues; a shared-readers file's queue)."""
 
     def __init__(self, regions: RegionAllocator, *args, **kw):
         super().__init__(*args, **kw)
         self.regions = regions
         self._regions: list[tuple[int, int]] = []
-        self.last_dequeued = False
 
     def _allocate(self, count: int, sizes: list[int]) -> None:
         per = buffer_span(sizes)
@@ -88,6 +86,16 @@ class M2MQueue(BufferQueue):
         for off, size in self._regions:
             self.regions.release(off, size)
         self._regions = []
+
+
+class M2MQueue(RegionQueue):
+    """A BufferQueue of one M2M context: buffers in regions of the shared
+    node memory, the LAST-buffer state (DQBUF -> EPIPE after LAST) and
+    switching between the single- and multi-planar buffer type."""
+
+    def __init__(self, regions: RegionAllocator, *args, **kw):
+        super().__init__(regions, *args, **kw)
+        self.last_dequeued = False
 
     def set_type(self, t: int) -> None:
         if t == self.type:

@@ -35,6 +35,31 @@ log = logging.getLogger("impv4l2.v4l2")
 VALID_PRIOS = (abi.Priority.BACKGROUND, abi.Priority.INTERACTIVE, abi.Priority.RECORD)
 
 
+class Priorities:
+    """The kernel's v4l2_prio_state: how many open files hold each priority.  A node has
+    its own unless it shares one (the nodes of one frame channel do, as a v4l2_device's
+    nodes share ``v4l2_dev->prio``)."""
+
+    def __init__(self) -> None:
+        self._count = {p: 0 for p in VALID_PRIOS}
+        self._lock = threading.Lock()
+
+    def add(self, prio: int, delta: int = 1) -> None:
+        with self._lock:
+            self._count[prio] += delta
+
+    def change(self, old: int, new: int) -> None:
+        with self._lock:
+            self._count[old] -= 1
+            self._count[new] += 1
+
+    def max(self) -> int:
+        for p in (abi.Priority.RECORD, abi.Priority.INTERACTIVE, abi.Priority.BACKGROUND):
+            if self._count[p]:
+                return p
+        return abi.Priority.UNSET
+
+
 class ShimService(Protocol):
     """What a node's handles ask of the preload shim's server
     (:class:`impv4l2.shim.ShimServer`, handed to the node by the daemon)."""
@@ -66,7 +91,7 @@ class Node:
         self.controls = controls
         self.handles: set[NodeHandle] = set()
         self.queues: dict[int, BufferQueue] = {}
-        self._prio_count = {p: 0 for p in VALID_PRIOS}
+        self.prio_state = Priorities()
         self._lock = threading.Lock()
         # Every transport serving this node (CUSE and the FUSE mount) adds its
         # waker; queues and events call self.wake, which calls them all.
@@ -89,7 +114,7 @@ class Node:
         h = self.handle_class(self, caller)
         with self._lock:
             self.handles.add(h)
-            self._prio_count[h.prio] += 1
+        self.prio_state.add(h.prio)
         log.debug("%s pid %d: open (flags 0x%x)", self.name, caller.pid, caller.flags)
         return h
 
@@ -99,9 +124,10 @@ class Node:
         for q in self.queues.values():
             q.release(h)
         with self._lock:
-            if h in self.handles:
-                self.handles.discard(h)
-                self._prio_count[h.prio] -= 1
+            if h not in self.handles:
+                return
+            self.handles.discard(h)
+        self.prio_state.add(h.prio, -1)
 
     def close(self) -> None:
         """Tear down (daemon shutdown): stop queues, drop listeners."""
@@ -112,17 +138,13 @@ class Node:
     # ------------------------------------------------------------ priority
 
     def max_prio(self) -> int:
-        for p in (abi.Priority.RECORD, abi.Priority.INTERACTIVE, abi.Priority.BACKGROUND):
-            if self._prio_count[p]:
-                return p
-        return abi.Priority.UNSET
+        return self.prio_state.max()
 
     def change_prio(self, h: "NodeHandle", new: int) -> None:
         if new not in VALID_PRIOS:
             raise OSError(errno.EINVAL, f"invalid priority {new}")
         with self._lock:
-            self._prio_count[h.prio] -= 1
-            self._prio_count[new] += 1
+            self.prio_state.change(h.prio, new)
             h.prio = new
 
     # ------------------------------------------------------------ events
@@ -185,7 +207,7 @@ class NodeHandle:
 
     def poll_queues(self) -> int:
         mask = 0
-        for q in self.node.queues.values():
+        for q in self.mmap_queues():  # the queues of this file
             if q.owner is self or (q.fileio is not None and q.fileio.owner is self):
                 if not q.streaming:
                     mask |= POLLERR

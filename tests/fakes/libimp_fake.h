@@ -21,7 +21,11 @@
 
 #define NR_FS 3
 #define NR_GRP 3
-#define NR_ENC 8
+/* The AVPU's channel limits as libimp enforces them: 9 encoder channel slots (OpenIMP's
+ * reading of libimp 1.1.6), at most 2 channels registered to one group (imp_encoder.h: "each
+ * group can add 2 encoding channel"). */
+#define NR_ENC 9
+#define NR_ENC_PER_GRP 2
 #define PROFILE_JPEG (4 << 24)
 #define RC_FIXQP 0
 #define FS_PHY_CHANNEL 0

@@ -157,6 +157,9 @@ int IMP_Encoder_RegisterChn(int g, int e)
     pthread_mutex_lock(&mu);
     REQUIRE(g >= 0 && g < NR_GRP && grp[g].created, "group not created");
     REQUIRE(enc_ok(e) && enc[e].created && !enc[e].registered, "RegisterChn order");
+    int in_group = 0;
+    for (int k = 0; k < NR_ENC; k++) in_group += enc[k].registered && enc[k].grp == g;
+    REQUIRE(in_group < NR_ENC_PER_GRP, "group has its 2 encoder channels");
     enc[e].registered = 1;
     enc[e].grp = g;
     pthread_mutex_unlock(&mu);

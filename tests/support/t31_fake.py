@@ -11,7 +11,7 @@ import pytest
 
 from fakes.build import build_fake  # noqa: E402
 
-from impv4l2.driver.base import FrameInfo  # noqa: E402
+from impv4l2.driver.base import FrameBuffer, FrameInfo  # noqa: E402
 from impv4l2.driver.t31.backend import T31Backend  # noqa: E402
 from impv4l2.driver.t31.libimp import ENV_LIBIMP  # noqa: E402
 
@@ -104,11 +104,11 @@ class Sink:
 
     def get_buffer(self):
         self.n += 1
-        return memoryview(self.bufs[self.n % len(self.bufs)])
+        return FrameBuffer(memoryview(self.bufs[self.n % len(self.bufs)]), self.n % len(self.bufs))
 
     def frame_done(self, buf, info: FrameInfo) -> None:
         with self.cond:
-            self.frames.append((bytes(buf[:info.bytesused]), info))
+            self.frames.append((bytes(buf.view[:info.bytesused]), info))
             self.cond.notify_all()
 
     def wait(self, count: int, timeout: float = 10.0) -> list[tuple[bytes, FrameInfo]]:

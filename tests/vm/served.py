@@ -28,7 +28,7 @@ SERVE = [sys.executable, "-c", "import faulthandler, signal, sys; "
          "from impv4l2.cli import main; sys.exit(main())", "serve"]
 RUN = [sys.executable, "-m", "impv4l2.cli", "run", "--"]
 TOPOLOGIES = {"default": [], "cuse-only": ["--mount", ""]}
-NODE_RE = re.compile(r"(\S+): CUSE node /dev/(video\d+) \((\w+)\)")
+NODE_RE = re.compile(r"(\S+): CUSE node /dev/(video\d+) \(([\w-]+)\)")  # roles: main, main-2, ...
 START_TIMEOUT = 120  # generous: the guest runs without KVM
 # Frames per v4l2-compliance streaming test (its default is 60): every -s test still runs,
 # each shorter, so the emulated guest's VM stage stays within the suite's time budget.

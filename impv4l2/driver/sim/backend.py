@@ -45,9 +45,13 @@ class SimBackend(Backend):
         self.scene: Scene = FileScene(source) if source else SyntheticScene(fps, bool(moving), float(light))
         self.clock = SensorClock(fps, self.scene, self.isp.tuning)
         sub = (min(sub_size[0], width), min(sub_size[1], height))
+        # Channels get what they use, not the backend: the clock, the scene, the sensor, and
+        # AVPU channels from whatever encoder the backend has when a stream starts.
+        feeds = dict(clock=self.clock, scene=lambda: self.scene, sensor=self.isp.sensor,
+                     encoders=lambda params: self.encoder.create_channel(params))
         self.channels = (
-            SimFrameChannel(self, 0, "main", (width, height)),
-            SimFrameChannel(self, 1, "sub", sub),
+            SimFrameChannel(0, "main", (width, height), **feeds),
+            SimFrameChannel(1, "sub", sub, **feeds),
         )
         self._encoder: Encoder | None = None
         self.motion = SimMotionSource(self, self.channels[1].sizes()[-1])
@@ -65,6 +69,10 @@ class SimBackend(Backend):
     @encoder.setter
     def encoder(self, value: Encoder) -> None:
         self._encoder = value
+
+    @property
+    def overruns(self) -> int:
+        return self.clock.skipped
 
     def set_scene(self, moving: bool | None = None, light: float | None = None) -> None:
         """Change what the sensor sees (the synthetic scene; a file's motion is its own)."""

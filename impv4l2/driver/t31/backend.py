@@ -25,7 +25,7 @@ from .libimp import LibImp, T31Error
 from .raw import NV12_UV_ALIGN
 from .sensor import PROC_SENSOR, SensorSetup, read_proc_sensor, sensor_setup
 from .sequence import INITIAL_RUNNING_MODE, OSD_POOL_SIZE, SystemSequence
-from .stream import T31StreamChannel
+from .stream import EncoderChannels, T31StreamChannel
 
 log = logging.getLogger("impv4l2.t31")
 S = st.native
@@ -109,6 +109,7 @@ class T31Backend(Backend):
             modes = [self._mode(m) for m in (channels or [(max_w, sen.height, rate), (640, 360, rate)])]
             # ch0 scales down from the sensor; ch1 too, and never above 1920x1080
             sub_max = (min(max_w, 1920), min(sen.height, 1080))
+            self.enc_channels = EncoderChannels()
             self.channels = [T31FrameChannel(self, i, "main" if i == 0 else "sub",
                                              (max_w, sen.height) if i == 0 else sub_max, m)
                              for i, m in enumerate(modes)]

@@ -20,7 +20,7 @@ from . import structs as st
 from .capture import Step, run_steps, undo_all
 from .libimp import LibImp, T31Error
 from .raw import RawCapture
-from .stream import JPEG_CHN_BASE, T31StreamChannel, encoder_attr
+from .stream import ENC_CHN_PER_GROUP, JPEG_CHN_BASE, EncoderChannels, T31StreamChannel, encoder_attr
 
 log = logging.getLogger("impv4l2.t31")
 S = st.native
@@ -43,6 +43,7 @@ class ChannelOwner(Protocol):
     poll_timeout_ms: int
     frame_cls: type
     stream_cls: type
+    enc_channels: EncoderChannels  # the AVPU's channel numbers, shared by every frame channel
 
     def to_monotonic_ns(self, imp_us: int) -> int: ...
 
@@ -66,7 +67,7 @@ class T31FrameChannel(FrameChannel):
         # time, but once): one depth per FrameSource channel, kept while the channel lives.
         self._depth_set = False
         self._raw: RawCapture | None = None
-        self._streams: dict[int, T31StreamChannel] = {}
+        self._streams: dict[int, T31StreamChannel] = {}  # IMP encoder channel -> its stream
 
     # -- FrameChannel
     def sizes(self) -> Sequence[tuple[int, int]]:
@@ -123,12 +124,16 @@ class T31FrameChannel(FrameChannel):
 
     def start_encoded(self, params: EncoderParams, sink: FrameSink) -> EncoderChannel:
         lib = self.lib
-        enc_chn = (JPEG_CHN_BASE if params.codec is Codec.JPEG else 0) + self.index
         with self._lock:
-            if enc_chn in self._streams:
+            if any(sc.params.codec is params.codec for sc in self._streams.values()):
                 raise T31Error(f"ch{self.index}: {params.codec.value} stream already started")
+            if len(self._streams) >= ENC_CHN_PER_GROUP:  # libimp's RegisterChn would refuse it
+                raise T31Error(f"ch{self.index}: encoder group {self.index} has its {ENC_CHN_PER_GROUP}"
+                               f" channels ({', '.join(sc.params.codec.value for sc in self._streams.values())})")
+            chns = self.backend.enc_channels
+            enc_chn = chns.take((JPEG_CHN_BASE if params.codec is Codec.JPEG else 0) + self.index)
             sc = T31StreamChannel(self, params, enc_chn)
-            undo: list[Step] = []
+            undo: list[Step] = [("release channel number", lambda: chns.give(enc_chn))]
             try:
                 self._fs_up(undo, enable=False)
                 if not self._group:
@@ -161,7 +166,7 @@ class T31FrameChannel(FrameChannel):
         with self._lock:
             for sc in list(self._streams.values()):
                 self.close_stream(sc)
-            self._stop_raw()
+            self.stop_raw()
 
     # -- hosts of the raw capture and the stream channels
     def to_monotonic_ns(self, imp_us: int) -> int:
@@ -191,9 +196,9 @@ class T31FrameChannel(FrameChannel):
                 run_steps(encoder, f"ch{self.index}")
             else:
                 self._teardown(encoder)
+            self.backend.enc_channels.give(chn)  # destroyed: the number is free again
 
-    # -- internals
-    def _stop_raw(self) -> None:
+    def stop_raw(self) -> None:
         with self._lock:
             if self._raw is None:
                 return
@@ -206,6 +211,7 @@ class T31FrameChannel(FrameChannel):
                       f"ch{self.index}")
             self._teardown()
 
+    # -- internals
     def _fs_attr(self):
         m = self._mode
         a = S.IMPFSChnAttr()

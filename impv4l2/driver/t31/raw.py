@@ -56,7 +56,7 @@ class RawCapture:
             buf = self.sink.get_buffer()
             info = FrameInfo(timestamp_ns=self.host.to_monotonic_ns(ts_us), sequence=self.seq)
             if buf is not None:
-                _keep, dst, cap = dest(buf)
+                _keep, dst, cap = dest(buf.view)
                 w, h = f.width, f.height
                 y, uv = w * h, w * (h // 2)  # contiguous NV12 for the client
                 if y + uv > cap:

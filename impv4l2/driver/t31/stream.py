@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import threading
 from ctypes import byref
 from typing import Protocol
 
-from ..base import (Codec, EncodedFrame, EncoderChannel, EncoderParams, FrameInfo, FrameSink, Profile,
-                    RcMode)
+from ..base import (Codec, EncodedFrame, EncoderChannel, EncoderParams, FrameBuffer, FrameInfo, FrameSink,
+                    Profile, RcMode)
 from . import structs as st
 from .capture import Capture, ChannelHost, dest
 from .libimp import LibImp, T31Error
@@ -22,10 +23,15 @@ from .libimp import LibImp, T31Error
 log = logging.getLogger("impv4l2.t31")
 S = st.native
 
-__all__ = ["GOP_SAME_SCENE_CNT", "JPEG_CHN_BASE", "KEY_PACKS", "StreamHost", "T31StreamChannel",
-           "encoder_attr"]
+__all__ = ["ENC_CHN_PER_GROUP", "GOP_SAME_SCENE_CNT", "JPEG_CHN_BASE", "KEY_PACKS", "NR_ENC_CHN",
+           "EncoderChannels", "StreamHost", "T31StreamChannel", "encoder_attr"]
 
 JPEG_CHN_BASE = 4  # SDK samples: JPEG encoder channel = 4 + frame channel
+# The AVPU's limits, as libimp enforces them: encoder channel numbers 0..NR_ENC_CHN-1 (OpenIMP,
+# from libimp 1.1.6: 9 channel slots) and at most ENC_CHN_PER_GROUP channels registered to one
+# group, i.e. per frame channel (imp_encoder.h: "each group can add 2 encoding channel").
+NR_ENC_CHN = 9
+ENC_CHN_PER_GROUP = 2
 # (codec, profile) -> IMPEncoderProfile; the AVPU codes HEVC in Main profile only
 PROFILES = {(Codec.H264, Profile.BASELINE): st.IMP_ENC_PROFILE_AVC_BASELINE,
             (Codec.H264, Profile.MAIN): st.IMP_ENC_PROFILE_AVC_MAIN,
@@ -45,6 +51,30 @@ KEY_PACKS: dict[Codec, tuple[str, frozenset[int], int]] = {
     Codec.HEVC: ("h265NalType", frozenset({st.H265_NAL_IDR_W_RADL, st.H265_NAL_IDR_N_LP, st.H265_NAL_CRA}),
                  st.IMP_ENC_SLICE_I),
 }
+
+
+class EncoderChannels:
+    """The AVPU's encoder channel numbers, shared by every frame channel of one backend: one
+    IMP encoder channel per distinct compressed stream."""
+
+    def __init__(self, count: int = NR_ENC_CHN):
+        self.count = count
+        self.used: set[int] = set()
+        self._lock = threading.Lock()
+
+    def take(self, preferred: int) -> int:
+        """``preferred`` (the SDK samples' numbering) if free, else the lowest free number."""
+        with self._lock:
+            free = [n for n in range(self.count) if n not in self.used]
+            if not free:
+                raise T31Error(f"all {self.count} AVPU encoder channels are in use")
+            n = preferred if preferred in free else free[0]
+            self.used.add(n)
+            return n
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.used.discard(n)
 
 
 class StreamHost(ChannelHost, Protocol):
@@ -174,7 +204,7 @@ class T31StreamChannel(EncoderChannel):
                 return True
         return False
 
-    def _copy(self, stream, buf: memoryview | None, key: bool) -> FrameInfo:
+    def _copy(self, stream, buf: FrameBuffer | None, key: bool) -> FrameInfo:
         """Assemble the access unit of ``stream`` into ``buf`` (packs in order,
         each one NAL with its start code; a pack may wrap the stream ring)."""
         n = stream.packCount
@@ -183,7 +213,7 @@ class T31StreamChannel(EncoderChannel):
         info = FrameInfo(timestamp_ns=self.channel.to_monotonic_ns(ts_us), sequence=stream.seq)
         if buf is None:
             return info
-        _keep, dst, cap = dest(buf)
+        _keep, dst, cap = dest(buf.view)
         base, size, pos = stream.virAddr, stream.streamSize, 0
         for i in range(n):
             p = packs[i]

@@ -13,7 +13,7 @@ import pytest
 
 from impv4l2.driver import load_backend
 from impv4l2.driver.base import (ChannelMode, Codec, EncodedFrame, EncoderChannel,
-                                 EncoderParams, FrameInfo)
+                                 EncoderParams, FrameBuffer, FrameInfo)
 from impv4l2.driver.sim.backend import SimBackend
 from impv4l2.driver.sim.pattern import read_counter, read_timestamp_us, y_plane
 
@@ -39,19 +39,19 @@ class RecordingSink:
         self.threads.add(threading.get_ident())
         if self.drop(self.calls - 1):
             return None
-        mv = memoryview(bytearray(self.size))
-        self.handed.append(mv)
-        return mv
+        fb = FrameBuffer(memoryview(bytearray(self.size)), len(self.handed))
+        self.handed.append(fb)
+        return fb
 
     def frame_done(self, buf, info: FrameInfo) -> None:
         assert buf is self.handed[-1]
         self.infos.append(info)
         if self.width:
-            y = y_plane(buf, self.width, self.height)
+            y = y_plane(buf.view, self.width, self.height)
             self.counters.append(read_counter(y))
             self.stamps.append(read_timestamp_us(y))
         else:
-            self.frames.append(bytes(buf[: info.bytesused]))
+            self.frames.append(bytes(buf.view[: info.bytesused]))
 
 
 @pytest.fixture

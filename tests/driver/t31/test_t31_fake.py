@@ -29,7 +29,7 @@ def test_set_frame_depth_once_per_channel(fake):
         raw = Sink(320 * 240 * 3 // 2)
         ch.start(raw)
         assert not raw.wait(2)[0][1].error
-        ch._stop_raw()
+        ch.stop_raw()
     depths = [ln for ln in fake.lines() if ln.startswith("IMP_FrameSource_SetFrameDepth")]
     assert depths == ["IMP_FrameSource_SetFrameDepth 0 1"], depths
     assert fake.errors() == 0
